@@ -1,0 +1,391 @@
+"""Event schemas: the one contract the services meet through.
+
+Two layers, as in eventsourcing's ``StoredEvent``:
+
+- *bodies*: what clinical staff post (``type`` selects the kind; CONTRACT.md section 2). They are
+  frozen pydantic v2 models in one discriminated union, ``ClinicalEventBody``.
+- the *envelope*, ``StoredEvent``: id, stream, version, type, schema version, the two times, who
+  recorded it, correlation and causation ids, and ``data`` (the body minus ``type`` and
+  ``occurred_at``, plus derived grades).
+
+Event types are stable strings, never Python import paths. Alert events (raised by the safety
+service) live in their own streams (``alert-<alert_id>``) so that a patient's stream version is
+moved only by what staff record.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+SubjectId = Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,32}$")]
+NAMESPACE = uuid.UUID("6f1c2a5e-3b7d-4c1e-9a57-2d6f0b8e4c11")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- enrolment
+
+
+class Eligibility(Frozen):
+    """The seed protocol's criteria; ``True`` on an exclusion criterion makes a patient ineligible."""
+
+    stable_vital_signs: bool
+    severe_infection: bool
+    gvhd_grade_2_to_4: bool
+    organ_failure: bool
+    cns_leukemia: bool
+    drug_allergy: bool
+
+
+class EligibilityOverride(Frozen):
+    reason: str = Field(min_length=1)
+    approved_by: str = Field(min_length=1)
+
+
+Cohort = Literal["mrd_positive", "hematologic_relapse"]
+Arm = Literal["blinatumomab_dli", "usual_care"]
+
+
+class Enrolment(Frozen):
+    subject_id: SubjectId
+    site_id: str = Field(min_length=1, max_length=32)
+    arm: Arm = "blinatumomab_dli"
+    enrolled_at: AwareDatetime | None = None
+    age_years: float = Field(ge=0, le=120)
+    weight_kg: float = Field(gt=0, le=400)
+    cohort: Cohort
+    transplant_date: date
+    relapse_date: date
+    eligibility: Eligibility
+    eligibility_override: EligibilityOverride | None = None
+
+    @model_validator(mode="after")
+    def _dates_in_order(self) -> Enrolment:
+        if self.relapse_date < self.transplant_date:
+            raise ValueError("relapse_date is before transplant_date")
+        return self
+
+
+# --------------------------------------------------------------------------- clinical bodies
+
+
+class _Body(Frozen):
+    occurred_at: AwareDatetime
+
+
+class BlinatumomabDose(_Body):
+    type: Literal["blinatumomab_dose"]
+    course: int = Field(ge=1, le=2)
+    day: int = Field(ge=1, le=28)
+    dose_ug: float = Field(gt=0)
+
+
+class Dli(_Body):
+    type: Literal["dli"]
+    mnc_per_kg: float = Field(gt=0)
+
+
+Oxygen = Literal[
+    "none",
+    "low_flow_nasal_cannula",
+    "high_flow_nasal_cannula",
+    "facemask",
+    "nonrebreather",
+    "venturi",
+    "cpap",
+    "bipap",
+    "mechanical_ventilation",
+]
+
+
+class Crs(_Body):
+    """A grade 1-4, or the ASTCT observations the grade is derived from."""
+
+    type: Literal["crs"]
+    grade: int | None = Field(default=None, ge=1, le=4)
+    max_temp_c: float | None = Field(default=None, ge=30, le=45)
+    hypotension: bool | None = None
+    vasopressors: int | None = Field(default=None, ge=0, le=10)
+    vasopressin: bool | None = None
+    oxygen: Oxygen | None = None
+    anticytokine_given: bool | None = None
+
+    @property
+    def has_observations(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.max_temp_c, self.hypotension, self.vasopressors, self.oxygen)
+        )
+
+    @model_validator(mode="after")
+    def _grade_or_observations(self) -> Crs:
+        if self.grade is None and not self.has_observations:
+            raise ValueError("give either grade (1-4) or the observations max_temp_c, "
+                             "hypotension, vasopressors and oxygen")
+        if self.grade is None and self.max_temp_c is None and not self.anticytokine_given:
+            raise ValueError("max_temp_c is required to grade CRS unless anticytokine_given")
+        return self
+
+
+class Icans(_Body):
+    type: Literal["icans"]
+    grade: int = Field(ge=1, le=4)
+
+
+class Gvhd(_Body):
+    """Acute: a MAGIC grade 1-4 or the organ findings; chronic: the NIH global severity."""
+
+    type: Literal["gvhd"]
+    form: Literal["acute", "chronic"]
+    grade: int | None = Field(default=None, ge=1, le=4)
+    skin_bsa_pct: float | None = Field(default=None, ge=0, le=100)
+    bullae: bool | None = None
+    bilirubin_mg_dl: float | None = Field(default=None, ge=0, le=100)
+    upper_gi: bool | None = None
+    stool_ml_day: float | None = Field(default=None, ge=0, le=20000)
+    severe_abdominal_pain: bool | None = None
+    severity: Literal["mild", "moderate", "severe"] | None = None
+
+    @property
+    def has_findings(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.skin_bsa_pct, self.bullae, self.bilirubin_mg_dl, self.upper_gi,
+                      self.stool_ml_day, self.severe_abdominal_pain)
+        )
+
+    @model_validator(mode="after")
+    def _form_fields(self) -> Gvhd:
+        if self.form == "acute":
+            if self.severity is not None:
+                raise ValueError("severity is for chronic GVHD; acute GVHD takes grade or organ findings")
+            if self.grade is None and not self.has_findings:
+                raise ValueError("acute GVHD needs grade (1-4) or organ findings (skin_bsa_pct, "
+                                 "bullae, bilirubin_mg_dl, upper_gi, stool_ml_day, severe_abdominal_pain)")
+        else:
+            if self.severity is None:
+                raise ValueError("chronic GVHD needs severity (mild, moderate, severe)")
+            if self.grade is not None or self.has_findings:
+                raise ValueError("chronic GVHD takes severity, not grade or organ findings")
+        return self
+
+
+class Infection(_Body):
+    type: Literal["infection"]
+    grade: int = Field(ge=1, le=5)
+    site: str = Field(min_length=1, max_length=200)
+    organism: str | None = Field(default=None, max_length=200)
+
+
+LabTest = Literal["neutrophils", "platelets", "hemoglobin", "wbc", "lymphocytes"]
+LabUnit = Literal["10^9/L", "cells/mm3", "g/dL", "g/L"]
+COUNT_UNITS = ("10^9/L", "cells/mm3")
+HEMOGLOBIN_UNITS = ("g/dL", "g/L")
+
+
+class Lab(_Body):
+    type: Literal["lab"]
+    test: LabTest
+    value: float = Field(ge=0)
+    unit: LabUnit
+    lln: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _unit_fits_test(self) -> Lab:
+        allowed = HEMOGLOBIN_UNITS if self.test == "hemoglobin" else COUNT_UNITS
+        if self.unit not in allowed:
+            raise ValueError(f"unit {self.unit!r} does not fit test {self.test!r}; use one of {list(allowed)}")
+        return self
+
+
+class DiseaseAssessment(_Body):
+    type: Literal["disease_assessment"]
+    mrd: Literal["positive", "negative"] | None = None
+    response: Literal["cr", "cri", "pr", "nr"] | None = None
+
+    @model_validator(mode="after")
+    def _something_assessed(self) -> DiseaseAssessment:
+        if self.mrd is None and self.response is None:
+            raise ValueError("give mrd and/or response")
+        return self
+
+
+class Relapse(_Body):
+    type: Literal["relapse"]
+
+
+class AssessmentCompleted(_Body):
+    type: Literal["assessment_completed"]
+    timepoint: Literal["day14", "day100"]
+
+
+class Death(_Body):
+    type: Literal["death"]
+    cause: Literal["relapse", "infection", "gvhd", "crs", "other"]
+
+
+class FollowUp(_Body):
+    type: Literal["follow_up"]
+
+
+class Withdrawal(_Body):
+    type: Literal["withdrawal"]
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+ObservationBody = Annotated[
+    Union[
+        BlinatumomabDose, Dli, Crs, Icans, Gvhd, Infection, Lab, DiseaseAssessment, Relapse,
+        AssessmentCompleted, Death, FollowUp, Withdrawal,
+    ],
+    Field(discriminator="type"),
+]
+
+
+class Correction(_Body):
+    type: Literal["correction"]
+    corrects_event_id: uuid.UUID
+    reason: str = Field(min_length=1, max_length=2000)
+    replacement: ObservationBody
+
+
+class Retraction(_Body):
+    type: Literal["retraction"]
+    retracts_event_id: uuid.UUID
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+ClinicalEventBody = Annotated[
+    Union[
+        BlinatumomabDose, Dli, Crs, Icans, Gvhd, Infection, Lab, DiseaseAssessment, Relapse,
+        AssessmentCompleted, Death, FollowUp, Withdrawal, Correction, Retraction,
+    ],
+    Field(discriminator="type"),
+]
+
+CLINICAL_TYPES = frozenset(
+    ["blinatumomab_dose", "dli", "crs", "icans", "gvhd", "infection", "lab", "disease_assessment",
+     "relapse", "assessment_completed", "death", "follow_up", "withdrawal", "correction", "retraction"]
+)
+OBSERVATION_TYPES = CLINICAL_TYPES - {"correction", "retraction"}
+
+# --------------------------------------------------------------------------- alerts
+
+PATIENT_ENROLLED = "patient_enrolled"
+ALERT_RAISED = "safety_alert_raised"
+STOPPING_BOUNDARY_CROSSED = "stopping_boundary_crossed"
+ALERT_WITHDRAWN = "safety_alert_withdrawn"
+ALERT_ACKNOWLEDGED = "alert_acknowledged"
+ALERT_TYPES = frozenset([ALERT_RAISED, STOPPING_BOUNDARY_CROSSED, ALERT_WITHDRAWN, ALERT_ACKNOWLEDGED])
+
+Severity = Literal["urgent", "high", "info"]
+Audience = Literal["investigators", "investigators_and_dsmb"]
+
+
+class AlertRaised(Frozen):
+    """The data of ``safety_alert_raised`` and ``stopping_boundary_crossed`` events.
+
+    ``alert_id`` is deterministic (``alert_id_for``): the same cause always gives the same id, so a
+    replay or redelivery can never raise a second alert for it.
+    """
+
+    alert_id: uuid.UUID
+    kind: str
+    severity: Severity
+    audience: Audience = "investigators"
+    subject_id: str | None = None
+    site_id: str | None = None
+    title: str
+    detail: str
+    action: str = ""
+    rule: str
+    cause_event_ids: tuple[uuid.UUID, ...] = ()
+    cause_occurred_at: datetime | None = None
+    cause_recorded_at: datetime | None = None
+    facts: dict[str, Any] = Field(default_factory=dict)
+
+
+class AlertWithdrawn(Frozen):
+    alert_id: uuid.UUID
+    kind: str
+    severity: Severity
+    audience: Audience = "investigators"
+    subject_id: str | None = None
+    site_id: str | None = None
+    title: str
+    reason: str
+
+
+class AlertAcknowledged(Frozen):
+    alert_id: uuid.UUID
+    note: str | None = None
+
+
+def alert_id_for(*parts: object) -> uuid.UUID:
+    """A stable alert id from the alert's cause (subject, rule, cause key...)."""
+    return uuid.uuid5(NAMESPACE, "|".join(str(p) for p in parts))
+
+
+def alert_stream(alert_id: uuid.UUID | str) -> str:
+    return f"alert-{alert_id}"
+
+
+def patient_stream(subject_id: str) -> str:
+    return f"patient-{subject_id}"
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+class NewEvent(Frozen):
+    """An event about to be appended; the store gives it a position and a version."""
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    type: str
+    subject_id: str | None = None
+    occurred_at: AwareDatetime
+    recorded_by: str
+    data: dict[str, Any]
+    schema_version: int = SCHEMA_VERSION
+    correlation_id: uuid.UUID | None = None
+    causation_id: uuid.UUID | None = None
+
+
+class StoredEvent(Frozen):
+    """An event as stored; ``public()`` is the contract's answer shape."""
+
+    position: int
+    event_id: uuid.UUID
+    stream_id: str
+    stream_version: int
+    type: str
+    schema_version: int = SCHEMA_VERSION
+    subject_id: str | None
+    occurred_at: AwareDatetime
+    recorded_at: AwareDatetime
+    recorded_by: str
+    data: dict[str, Any]
+    correlation_id: uuid.UUID | None = None
+    causation_id: uuid.UUID | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "event_id": str(self.event_id),
+            "subject_id": self.subject_id,
+            "type": self.type,
+            "stream_version": self.stream_version,
+            "occurred_at": self.occurred_at.isoformat(),
+            "recorded_at": self.recorded_at.isoformat(),
+            "recorded_by": self.recorded_by,
+            "data": self.data,
+        }
+
+    def to_message(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,59 @@
+"""Settings read from the environment (prefix ``TRIALWATCH_``) or a ``.env`` file.
+
+Only composition roots (``services/*/app.py``, the CLI) and tests read these; handlers receive
+plain values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typing import Annotated
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_emails(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The contract's settings table (CONTRACT.md section 1), plus a few operator knobs."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIALWATCH_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    nats_url: str | None = None
+    smtp_url: str | None = None
+    mail_from: str = "trialwatch@localhost"
+    investigator_emails: Annotated[list[str] | None, NoDecode] = None
+    dsmb_emails: Annotated[list[str] | None, NoDecode] = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    protocol: Path | None = None
+
+    # Operator knobs beyond the contract.
+    stream_name: str = "TRIALWATCH"
+    subject_prefix: str = "trialwatch"
+    public_base_url: str | None = None
+    relay_interval_s: float = 0.2
+    max_deliver: int = 5
+
+    @field_validator("investigator_emails", "dsmb_emails", mode="before")
+    @classmethod
+    def _emails(cls, value: object) -> object:
+        return _split_emails(value)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'trialwatch.db').resolve()}"
+
+    @property
+    def api_base_url(self) -> str:
+        return self.public_base_url or f"http://{self.http_host}:{self.http_port}"

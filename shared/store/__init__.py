@@ -1,0 +1,1 @@
+"""Persistence building blocks: the one schema, the event store, engines and migrations."""

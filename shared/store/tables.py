@@ -1,0 +1,186 @@
+"""The database schema, one ``MetaData`` for every service.
+
+Each block is owned by one service (the comment above it says which); no service writes another's
+tables. Keeping them in one place lets one Alembic history migrate them all.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Position = BigInteger().with_variant(Integer(), "sqlite")
+Tz = DateTime(timezone=True)
+
+# --- the event store (shared) ------------------------------------------------------------
+events = Table(
+    "events",
+    metadata,
+    Column("position", Position, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("stream_id", String(100), nullable=False),
+    Column("stream_version", Integer, nullable=False),
+    Column("type", String(64), nullable=False, index=True),
+    Column("schema_version", Integer, nullable=False),
+    Column("subject_id", String(32), nullable=True, index=True),
+    Column("occurred_at", Tz, nullable=False),
+    Column("recorded_at", Tz, nullable=False, index=True),
+    Column("recorded_by", String(100), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("correlation_id", String(36), nullable=True),
+    Column("causation_id", String(36), nullable=True),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    UniqueConstraint("stream_id", "stream_version", name="uq_events_stream_version"),
+)
+
+# Rows to publish; written in the same transaction as the event, deleted only after the
+# server's ack. The relay reads *all* unpublished rows, never "after the last position".
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("position", Position, primary_key=True, autoincrement=False),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", Tz, nullable=False),
+)
+
+# The audit hash chain's head: one row, updated under the appending transaction's lock.
+chain_head = Table(
+    "chain_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("position", Position, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# --- consumers (safety, notify): durable idempotency and the dead-letter place -------------
+processed_messages = Table(
+    "processed_messages",
+    metadata,
+    Column("consumer", String(64), primary_key=True),
+    Column("event_id", String(36), primary_key=True),
+    Column("processed_at", Tz, nullable=False),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("consumer", String(64), nullable=False),
+    Column("event_id", String(36), nullable=True),
+    Column("subject", String(200), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("deliveries", Integer, nullable=False),
+    Column("created_at", Tz, nullable=False),
+    Column("replayed_at", Tz, nullable=True),
+    UniqueConstraint("consumer", "event_id", name="uq_dead_letters_consumer_event"),
+)
+
+# --- ingest: API tokens and idempotency keys ------------------------------------------------
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user", String(100), nullable=False),
+    Column("role", String(20), nullable=False),
+    Column("site_id", String(32), nullable=True),
+    Column("created_at", Tz, nullable=False),
+    Column("revoked_at", Tz, nullable=True),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("token_hash", String(64), primary_key=True),
+    Column("method_path", String(300), nullable=False),
+    Column("body_hash", String(64), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("response", JSON, nullable=False),
+    Column("created_at", Tz, nullable=False),
+)
+
+# --- safety: per-patient projection, stopping-rule state, scheduled due checks --------------
+patient_projection = Table(
+    "patient_projection",
+    metadata,
+    Column("subject_id", String(32), primary_key=True),
+    Column("site_id", String(32), nullable=False),
+    Column("state", JSON, nullable=False),
+    Column("last_position", Position, nullable=False),
+    Column("updated_at", Tz, nullable=False),
+)
+
+stopping_rule_state = Table(
+    "stopping_rule_state",
+    metadata,
+    Column("rule_id", String(64), primary_key=True),
+    Column("state", JSON, nullable=False),
+    Column("updated_at", Tz, nullable=False),
+)
+
+due_checks = Table(
+    "due_checks",
+    metadata,
+    Column("subject_id", String(32), primary_key=True),
+    Column("check", String(32), primary_key=True),
+    Column("due_at", Tz, nullable=False),
+    Column("done", Boolean, nullable=False, default=False),
+)
+
+# --- notify: one row per (alert event, recipient); the digest ledger -------------------------
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("alert_event_id", String(36), nullable=False),
+    Column("recipient", String(320), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | sending | sent
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Tz, nullable=False),
+    Column("claimed_until", Tz, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("message_id", String(200), nullable=False),
+    Column("created_at", Tz, nullable=False),
+    Column("sent_at", Tz, nullable=True),
+    UniqueConstraint("alert_event_id", "recipient", name="uq_deliveries_alert_recipient"),
+)
+
+digests = Table(
+    "digests",
+    metadata,
+    Column("period_key", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),  # sending | sent
+    Column("data_cutoff", Tz, nullable=False),
+    Column("claimed_by", String(100), nullable=True),
+    Column("claimed_until", Tz, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("message_id", String(200), nullable=False),
+    Column("summary", JSON, nullable=True),
+    Column("created_at", Tz, nullable=False),
+    Column("sent_at", Tz, nullable=True),
+)
