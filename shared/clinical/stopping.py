@@ -1,0 +1,154 @@
+"""Stopping rules evaluated over the trial's patients (CONTRACT.md section 4, DOMAIN.md f).
+
+- A rule looks at one endpoint (``crs_grade_3_plus_2w``, ``agvhd_grade_3_4_100d``, ``nrm_100d``)
+  among the evaluable patients of the blinatumomab + DLI arm. A patient is evaluable once the
+  endpoint's window has closed or the event has happened (withdrawn/dead ones as the rule says).
+- Monitoring is continuous: patients are taken in the order they became evaluable, and the rule
+  is crossed if at any look n the events among the first n reach the boundary's ``stop_at(n)`` —
+  the same path the operating characteristics are computed over. A crossing stays crossed as more
+  patients come (the DSMB must act on it); only a correction that removes it from the path undoes
+  it.
+- Boundaries are pure functions of the rule's parameters (shared/clinical/boundaries.py), cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol as TypingProtocol
+
+from shared.clinical.boundaries import Boundary, bayes, pocock
+from shared.events import AlertRaised, alert_id_for
+from shared.protocol import Protocol, StoppingRule
+
+MONITORED_ARM = "blinatumomab_dli"
+
+
+class EvaluablePatient(TypingProtocol):
+    """What the rules need of a folded patient (shared/clinical/patient.py's PatientState)."""
+
+    @property
+    def subject_id(self) -> str: ...
+
+    @property
+    def arm(self) -> str: ...
+
+    def endpoint_at(
+        self, name: str, *, count_withdrawn: bool = False, count_dead: bool = False
+    ) -> tuple[bool, datetime] | None: ...
+
+
+def boundary_for(rule: StoppingRule) -> Boundary:
+    if rule.method == "pocock":
+        return pocock(rule.p0, rule.p1, rule.n_max, rule.cp0, rule.looks)
+    return bayes(rule.p0, rule.p1, rule.n_max, rule.prior_a, rule.prior_b, rule.threshold, rule.looks)
+
+
+@dataclass(frozen=True)
+class RuleStatus:
+    rule: StoppingRule
+    boundary: Boundary
+    evaluable: int
+    events: int
+    stop_at: int | None
+    crossed: bool
+    crossed_at_look: int | None = None  # n at the first crossing
+    events_at_crossing: int | None = None
+    event_subjects: tuple[str, ...] = field(default=())
+
+    @property
+    def status(self) -> str:
+        if self.crossed:
+            return "crossed"
+        if self.evaluable >= self.rule.n_max:
+            return "complete"
+        return "monitoring"
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "rule_id": self.rule.id,
+            "title": self.rule.title,
+            "endpoint": self.rule.endpoint,
+            "method": self.rule.method,
+            "params": self.boundary.params,
+            "evaluable": self.evaluable,
+            "events": self.events,
+            "stop_at": self.stop_at,
+            "crossed": self.crossed,
+            "crossed_at_look": self.crossed_at_look,
+            "status": self.status,
+            "boundary": [{"n": look.n, "stop_at": look.stop_at} for look in self.boundary.looks],
+        }
+
+
+def evaluate_rule(rule: StoppingRule, patients: Sequence[EvaluablePatient]) -> RuleStatus:
+    boundary = boundary_for(rule)
+    path: list[tuple[datetime, str, bool]] = []
+    for patient in patients:
+        if patient.arm != MONITORED_ARM:
+            continue
+        status = patient.endpoint_at(
+            rule.endpoint, count_withdrawn=rule.count_withdrawn, count_dead=rule.count_dead
+        )
+        if status is not None:
+            event, when = status
+            path.append((when, patient.subject_id, event))
+    path.sort()
+    events, crossed_at, events_at = 0, None, None
+    for n, (_, _, event) in enumerate(path, start=1):
+        events += event
+        stop_at = boundary.stop_at(n)
+        if crossed_at is None and stop_at is not None and events >= stop_at:
+            crossed_at, events_at = n, events
+    return RuleStatus(
+        rule=rule,
+        boundary=boundary,
+        evaluable=len(path),
+        events=events,
+        stop_at=boundary.stop_at(len(path)),
+        crossed=crossed_at is not None,
+        crossed_at_look=crossed_at,
+        events_at_crossing=events_at,
+        event_subjects=tuple(subject for _, subject, event in path if event),
+    )
+
+
+def evaluate_rules(protocol: Protocol, patients: Sequence[EvaluablePatient]) -> list[RuleStatus]:
+    return [evaluate_rule(rule, patients) for rule in protocol.stopping_rules]
+
+
+def crossing_alert(protocol: Protocol, status: RuleStatus) -> AlertRaised:
+    """The one urgent alert a crossed rule raises, to the investigators and the DSMB."""
+    rule = status.rule
+    return AlertRaised(
+        alert_id=alert_id_for("stopping", protocol.trial.id, rule.id),
+        kind="stopping_boundary_crossed",
+        severity=protocol.severity("stopping_boundary_crossed"),
+        audience="investigators_and_dsmb",
+        title=f"Stopping boundary crossed: {rule.title}",
+        detail=(
+            f"{status.events_at_crossing} events among the first {status.crossed_at_look} evaluable patients "
+            f"reached the {rule.method} boundary (stop at {status.boundary.stop_at(status.crossed_at_look or 0)} "
+            f"events at {status.crossed_at_look} patients; p0 = {rule.p0}, p1 = {rule.p1}). "
+            f"Now: {status.events} events / {status.evaluable} evaluable."
+        ),
+        action=(
+            "Suspend enrolment and further blinatumomab/DLI dosing for new patients pending DSMB review; "
+            "the DSMB convenes to decide whether the trial stops (protocol stopping rule)."
+        ),
+        rule=rule.id,
+        facts={
+            "rule_id": rule.id,
+            "events": status.events,
+            "evaluable": status.evaluable,
+            "events_at_crossing": status.events_at_crossing,
+            "evaluable_at_crossing": status.crossed_at_look,
+            "stop_at": status.boundary.stop_at(status.crossed_at_look or 0),
+            "method": rule.method,
+            "p0": rule.p0,
+            "p1": rule.p1,
+            "n_max": rule.n_max,
+            "subjects_with_event": list(status.event_subjects),
+        },
+    )
