@@ -1,0 +1,152 @@
+"""The HTTP entrypoint (CONTRACT.md section 2): parse, build a command, run it, answer.
+
+Named use-case errors become status codes in ``KNOWN_ERRORS``; everything else about errors
+lives in ``problems.py``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.events import ClinicalEventBody, Enrolment, StoredEvent
+from shared.store.eventstore import DuplicateEvent
+from services.ingest import auth, handlers, queries
+from services.ingest.auth import Principal
+from services.ingest.dependencies import aware_time, idempotency_key, if_match, permit
+from services.ingest.domain.errors import (
+    Invalid,
+    OtherSite,
+    PatientExists,
+    UnknownAlert,
+    UnknownPatient,
+    VersionMismatch,
+)
+from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused
+from services.ingest.problems import Known
+from services.ingest.unit_of_work import UnitOfWork
+
+KNOWN_ERRORS = {
+    Invalid: Known(422, "validation", "Invalid request"),
+    KeyReused: Known(422, "idempotency-key-reused", "Idempotency-Key reused"),
+    UnknownPatient: Known(404, "unknown-patient", "Unknown patient"),
+    UnknownAlert: Known(404, "unknown-alert", "Unknown alert"),
+    PatientExists: Known(409, "patient-exists", "Patient already enrolled"),
+    OtherSite: Known(403, "other-site", "Another site's patient"),
+    VersionMismatch: Known(412, "version-mismatch", "Stream version mismatch"),
+    DuplicateEvent: Known(409, "concurrent-write", "Concurrent write"),
+}
+
+router = APIRouter(prefix="/v1")
+Key = Annotated[IdempotencyKey | None, Depends(idempotency_key)]
+IfMatch = Annotated[int | None, Depends(if_match)]
+Enroller = Annotated[Principal, Depends(permit(auth.ENROL))]
+Recorder = Annotated[Principal, Depends(permit(auth.RECORD_EVENT))]
+PatientReader = Annotated[Principal, Depends(permit(auth.READ_PATIENTS))]
+AlertReader = Annotated[Principal, Depends(permit(auth.READ_ALERTS))]
+Acknowledger = Annotated[Principal, Depends(permit(auth.ACKNOWLEDGE_ALERT))]
+RuleReader = Annotated[Principal, Depends(permit(auth.READ_STOPPING_RULES))]
+DigestRequester = Annotated[Principal, Depends(permit(auth.REQUEST_DIGEST))]
+AsOf = Annotated[datetime | None, Depends(aware_time("as_of"))]
+Since = Annotated[datetime | None, Depends(aware_time("since"))]
+
+
+class AcknowledgeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: str | None = Field(default=None, max_length=2000)
+
+
+def _uow(request: Request) -> UnitOfWork:
+    return request.app.state.uow  # type: ignore[no-any-return]
+
+
+def _now(request: Request) -> datetime:
+    return request.app.state.clock()  # type: ignore[no-any-return]
+
+
+def _answer(answer: Answer) -> JSONResponse:
+    headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
+    return JSONResponse(answer.body, status_code=answer.status, headers=headers)
+
+
+def _created(stored: StoredEvent) -> Answer:
+    return Answer(201, stored.public(), recorded=(stored.type,))
+
+
+def _acknowledged(done: handlers.Acknowledged) -> Answer:
+    return Answer(200, done.view.public(), recorded=(done.event.type,) if done.event else ())
+
+
+def _accepted(stored: StoredEvent) -> Answer:
+    return Answer(202, {"status": "accepted", "request_id": str(stored.event_id)}, recorded=(stored.type,))
+
+
+@router.post("/patients", status_code=201, summary="Enrol a patient")
+async def enrol(request: Request, who: Enroller, key: Key, body: Enrolment) -> JSONResponse:
+    cmd = handlers.Enrol(body, recorded_by=who.user, site_scope=who.site_scope)
+    protocol, now = request.app.state.protocol, _now(request)
+    return _answer(await _uow(request).run(
+        lambda conn: handlers.enrol(conn, cmd, protocol=protocol, now=now), _created, key))
+
+
+@router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event")
+async def record_event(request: Request, who: Recorder, key: Key, expected: IfMatch, subject_id: str,
+                       body: ClinicalEventBody) -> JSONResponse:
+    cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.user, site_scope=who.site_scope,
+                               expected_version=expected)
+    protocol, now = request.app.state.protocol, _now(request)
+    return _answer(await _uow(request).run(
+        lambda conn: handlers.record_event(conn, cmd, protocol=protocol, now=now), _created, key))
+
+
+@router.get("/patients/{subject_id}", summary="The patient's current state")
+async def patient(request: Request, who: PatientReader, response: Response, subject_id: str) -> dict[str, Any]:
+    async with request.app.state.engine.connect() as conn:
+        view = await queries.patient_view(conn, subject_id, protocol=request.app.state.protocol,
+                                          now=_now(request), site_scope=who.site_scope)
+    response.headers["ETag"] = f'"{view["stream_version"]}"'
+    return view
+
+
+@router.get("/patients/{subject_id}/events", summary="The patient's full history, corrections included")
+async def patient_events(request: Request, who: PatientReader, subject_id: str, as_of: AsOf) -> dict[str, Any]:
+    async with request.app.state.engine.connect() as conn:
+        history = await queries.patient_history(conn, subject_id, site_scope=who.site_scope, as_of=as_of)
+    return {"subject_id": subject_id, "events": [e.public() for e in history]}
+
+
+@router.get("/alerts", summary="Alerts, newest first")
+async def alerts(request: Request, who: AlertReader, since: Since, subject_id: str | None = None,
+                 status: Literal["open", "withdrawn"] | None = None) -> dict[str, Any]:
+    async with request.app.state.engine.connect() as conn:
+        found = await queries.list_alerts(conn, site_scope=who.site_scope, subject_id=subject_id,
+                                          since=since, status=status)
+    return {"alerts": [a.public() for a in found]}
+
+
+@router.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert")
+async def acknowledge(request: Request, who: Acknowledger, key: Key, alert_id: uuid.UUID,
+                      body: AcknowledgeBody | None = None) -> JSONResponse:
+    cmd = handlers.AcknowledgeAlert(alert_id, body.note if body else None, acknowledged_by=who.user)
+    now = _now(request)
+    return _answer(await _uow(request).run(
+        lambda conn: handlers.acknowledge_alert(conn, cmd, now=now), _acknowledged, key))
+
+
+@router.get("/stopping-rules", summary="Each stopping rule against its boundary")
+async def stopping_rules(request: Request, who: RuleReader) -> dict[str, Any]:
+    async with request.app.state.engine.connect() as conn:
+        rules = await queries.stopping_rules(conn, protocol=request.app.state.protocol, now=_now(request))
+    return {"rules": rules}
+
+
+@router.post("/digests", status_code=202, summary="Send the DSMB summary now")
+async def digest(request: Request, who: DigestRequester, key: Key) -> JSONResponse:
+    cmd, now = handlers.RequestDigest(requested_by=who.user), _now(request)
+    return _answer(await _uow(request).run(
+        lambda conn: handlers.request_digest(conn, cmd, now=now), _accepted, key))

@@ -1,0 +1,66 @@
+"""The ingest service's composition root: settings and collaborators in, a FastAPI app out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.protocol import Protocol, load_protocol
+from shared.settings import Settings
+from shared.store.engine import make_engine
+from shared.store.eventstore import now_utc
+from services.ingest import api, health, problems
+from services.ingest.metrics import Metrics
+from services.ingest.unit_of_work import UnitOfWork
+
+log = logging.getLogger(__name__)
+Task = Callable[[], Awaitable[None]]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: AsyncEngine | None = None,
+    protocol: Protocol | None = None,
+    readiness_checks: Mapping[str, Task] | None = None,
+    lifespan_tasks: Sequence[Task] = (),
+) -> FastAPI:
+    """Build the API. Defaults: the engine from ``settings`` (not migrated here: the CLI migrates),
+    the protocol file from ``settings``. ``readiness_checks`` come beside the store's own (the bus);
+    ``lifespan_tasks`` run in the background while the app serves (the outbox relay)."""
+    owns_engine = engine is None
+    engine = engine or make_engine(settings.resolved_database_url)
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(task(), name=getattr(task, "__name__", "task")) for task in lifespan_tasks]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.error("background task failed: %r", outcome)
+            if owns_engine:
+                await engine.dispose()
+
+    app = FastAPI(title="TrialWatch ingest", version="1", lifespan=lifespan,
+                  description="Record clinical events of the trial; read patients, alerts and stopping rules.")
+    app.state.engine = engine
+    app.state.protocol = protocol or load_protocol(settings.protocol)
+    app.state.clock = now_utc
+    app.state.metrics = metrics
+    app.state.uow = UnitOfWork(engine, lambda: app.state.clock(), on_commit=lambda a: metrics.recorded(a.recorded))
+    app.state.readiness_checks = {"store": health.store_check(engine), **(readiness_checks or {})}
+    app.middleware("http")(metrics.middleware)
+    problems.install(app, api.KNOWN_ERRORS)
+    app.include_router(health.router)
+    app.include_router(api.router)
+    return app

@@ -1,0 +1,90 @@
+"""What the routes take from a request: the caller, its permission, and the parsed headers."""
+
+# No "from __future__ import annotations": FastAPI reads these closures' annotations at runtime.
+
+import re
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, Header, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
+
+from services.ingest.auth import Principal, principal_for
+from services.ingest.domain.errors import FieldProblem
+from services.ingest.idempotency import MAX_KEY_LENGTH, IdempotencyKey, body_hash
+from services.ingest.problems import Problem
+
+_AWARE = TypeAdapter(AwareDatetime)
+_UNESCAPED_PLUS = re.compile(r" (\d{2}(?::?\d{2})?)$")
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="trialwatch"'}
+_bearer = HTTPBearer(auto_error=False, description="a token from `trialwatch token create`")
+
+
+async def authenticated(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    """The token's holder; no token or an unknown one is 401 with a Bearer challenge."""
+    if credentials is None or not credentials.credentials.strip():
+        raise Problem(401, "send Authorization: Bearer <token>", slug="unauthenticated", headers=CHALLENGE)
+    async with request.app.state.engine.connect() as conn:
+        principal = await principal_for(conn, credentials.credentials.strip())
+    if principal is None:
+        raise Problem(401, "the token is unknown or revoked", slug="unauthenticated",
+                      headers={"WWW-Authenticate": CHALLENGE["WWW-Authenticate"] + ', error="invalid_token"'})
+    return principal
+
+
+def permit(action: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """A dependency: the caller, if its role may do ``action`` (else 403)."""
+
+    async def permitted(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if not principal.may(action):
+            raise Problem(403, f"the {principal.role} role may not {action.replace('_', ' ')}", slug="forbidden")
+        return principal
+
+    return permitted
+
+
+async def idempotency_key(request: Request, principal: Annotated[Principal, Depends(authenticated)],
+                          key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> IdempotencyKey | None:
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+        raise Problem(422, "Idempotency-Key must be 1-200 printable characters", slug="validation",
+                      title="Invalid request", errors=[FieldProblem("Idempotency-Key", "1-200 printable characters")])
+    return IdempotencyKey(key=key, token_hash=principal.token_hash,
+                          method_path=f"{request.method} {request.url.path}",
+                          body_hash=body_hash(await request.body()))
+
+
+def if_match(value: Annotated[str | None, Header(alias="If-Match")] = None) -> int | None:
+    """``If-Match: 3`` or an ETag-style ``"3"``: the stream version the caller last saw."""
+    if value is None:
+        return None
+    version = value.strip().removeprefix("W/").strip('"')
+    if not version.isdigit():
+        raise Problem(422, "If-Match must be a stream_version (a whole number)", slug="validation",
+                      title="Invalid request", errors=[FieldProblem("If-Match", f"{value!r} is not a stream_version")])
+    return int(version)
+
+
+def aware_time(name: str) -> Callable[[str | None], datetime | None]:
+    """A query parameter holding an ISO 8601 time with its offset (a naive time is refused).
+
+    A ``+`` left unescaped in a query string arrives as a space; it is read back as ``+``.
+    """
+
+    def parse(value: Annotated[str | None, Query(alias=name)] = None) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            return _AWARE.validate_python(_UNESCAPED_PLUS.sub(r"+\1", value.strip()))
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"]
+            raise Problem(422, f"{name}: {message}", slug="validation", title="Invalid request",
+                          errors=[FieldProblem(name, f"{message} (ISO 8601 with an offset, e.g. "
+                                                     "2025-11-24T09:30:00+08:00)")]) from exc
+
+    return parse

@@ -1,0 +1,1 @@
+"""The ingest service's own rules: who may be enrolled, which events are acceptable. Pure, no I/O."""

@@ -1,0 +1,61 @@
+"""Whether a clinical event may join a patient's history.
+
+Nothing is updated or deleted: a correction or retraction is a new event pointing at an earlier
+observation of the same patient, so the rules here guard those pointers and clinical time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+
+from shared.events import OBSERVATION_TYPES, Correction, Retraction, StoredEvent
+from services.ingest.domain.errors import FieldProblem
+
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+def not_ahead(path: str, when: datetime, now: datetime) -> list[FieldProblem]:
+    """Clinical time may lie at most 5 minutes ahead of the server's clock (skew, not the future)."""
+    if when > now + FUTURE_TOLERANCE:
+        return [FieldProblem(path, f"{when.isoformat()} is in the future")]
+    return []
+
+
+def time_problems(body: BaseModel, now: datetime) -> list[FieldProblem]:
+    """``occurred_at`` of the body and, for a correction, of its replacement."""
+    found = not_ahead("occurred_at", body.occurred_at, now)  # type: ignore[attr-defined]
+    if isinstance(body, Correction):
+        found += not_ahead("replacement.occurred_at", body.replacement.occurred_at, now)
+    return found
+
+
+def retracted_ids(history: Sequence[StoredEvent]) -> set[str]:
+    return {str(e.data.get("retracts_event_id")) for e in history if e.type == "retraction"}
+
+
+def amendment_problems(body: BaseModel, history: Sequence[StoredEvent]) -> list[FieldProblem]:
+    """A correction or retraction must point at a live observation of this same patient.
+
+    - The target is an observation event (not an enrolment, correction or retraction) in this
+      patient's stream; another patient's event is refused as if unknown.
+    - A retracted target cannot be corrected or retracted again.
+    - A correction's replacement has the target's type.
+    """
+    if isinstance(body, Correction):
+        field, target_id = "corrects_event_id", body.corrects_event_id
+    elif isinstance(body, Retraction):
+        field, target_id = "retracts_event_id", body.retracts_event_id
+    else:
+        return []
+    target = next((e for e in history if e.event_id == target_id), None)
+    if target is None or target.type not in OBSERVATION_TYPES:
+        return [FieldProblem(field, f"{target_id} is not an observation event of this patient")]
+    if str(target_id) in retracted_ids(history):
+        return [FieldProblem(field, f"{target_id} is already retracted")]
+    if isinstance(body, Correction) and body.replacement.type != target.type:
+        return [FieldProblem("replacement.type", f"the replacement of a {target.type} event must be a "
+                                                 f"{target.type}, not {body.replacement.type}")]
+    return []

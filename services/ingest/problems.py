@@ -1,0 +1,163 @@
+"""RFC 9457 problem details (``application/problem+json``) for every error the API answers.
+
+Validation errors (422) carry ``errors``: one ``{"path", "message"}`` per bad field, the path
+dotted from the body root (``eligibility.severe_infection``, ``replacement.grade``); query
+parameters and headers are named as sent (``as_of``, ``If-Match``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException
+
+from shared import events as schemas
+from services.ingest.domain.errors import FieldProblem, Invalid
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://trialwatch.invalid/problems/"
+STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, ConnectionError)
+log = logging.getLogger(__name__)
+
+
+def problem(status: int, detail: str, *, slug: str | None = None, title: str | None = None,
+            errors: Sequence[FieldProblem] = (), headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + slug if slug else "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = [{"path": e.path, "message": e.message} for e in errors]
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_JSON)
+
+
+class Problem(Exception):
+    """Raised by the entrypoint for answers that are not a use case's named error (401, 403...)."""
+
+    def __init__(self, status: int, detail: str, *, slug: str | None = None, title: str | None = None,
+                 errors: Sequence[FieldProblem] = (), headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.slug, self.title = status, detail, slug, title
+        self.errors, self.headers = tuple(errors), headers
+
+    def response(self) -> JSONResponse:
+        return problem(self.status, self.detail, slug=self.slug, title=self.title, errors=self.errors,
+                       headers=self.headers)
+
+
+@dataclass(frozen=True)
+class Known:
+    """How a named use-case error is answered."""
+
+    status: int
+    slug: str
+    title: str
+
+
+# --------------------------------------------------------------------------- validation paths
+
+def _model_fields() -> frozenset[str]:
+    names: set[str] = set()
+    for value in vars(schemas).values():
+        if isinstance(value, type) and issubclass(value, BaseModel) and value.__module__ == schemas.__name__:
+            names |= set(value.model_fields)
+    return frozenset(names)
+
+
+FIELD_NAMES = _model_fields()
+_WORD = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _body_path(loc: Sequence[Any]) -> list[str]:
+    """Drop the discriminator tags pydantic puts in a union's location (``crs``, ``lab``...)."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int) and not parts:
+            continue  # a JSON decode error's character position
+        if item in schemas.CLINICAL_TYPES and (not parts or parts[-1] == "replacement"):
+            continue
+        parts.append(str(item))
+    return parts
+
+
+def field_problem(error: Mapping[str, Any]) -> FieldProblem:
+    loc = list(error.get("loc", ()))
+    where = loc[0] if loc else "body"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if where != "body":
+        return FieldProblem(".".join(str(p) for p in loc[1:]), message)
+    parts = _body_path(loc[1:])
+    kind = error.get("type", "")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        parts.append("type")
+    elif kind == "value_error":
+        # A rule over several fields: name the first field its message mentions.
+        named = next((w for w in _WORD.findall(message) if w in FIELD_NAMES), None)
+        if named:
+            parts.append(named)
+    return FieldProblem(".".join(parts), message)
+
+
+def field_problems(errors: Iterable[Mapping[str, Any]]) -> list[FieldProblem]:
+    found: list[FieldProblem] = []
+    for error in errors:
+        item = field_problem(error)
+        if item not in found:
+            found.append(item)
+    return found
+
+
+# --------------------------------------------------------------------------- handlers
+
+def install(app: FastAPI, known: Mapping[type[Exception], Known]) -> None:
+    """Answer every error as problem+json: named use-case errors by ``known``, the rest by kind."""
+
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Problem)
+        return exc.response()
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = field_problems(exc.errors())
+        return problem(422, "the request is not valid: " + ", ".join(e.path or "(body)" for e in errors),
+                       slug="validation", title="Invalid request", errors=errors)
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return problem(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    async def on_store(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("store unavailable: %s", exc)
+        return problem(503, "the event store cannot be reached; try again shortly", slug="store-unavailable",
+                       title="Store unavailable", headers={"Retry-After": "5"})
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "an unexpected error; it has been logged", slug="internal")
+
+    def on_known(entry: Known):  # type: ignore[no-untyped-def]
+        async def handle(request: Request, exc: Exception) -> JSONResponse:
+            errors = exc.problems if isinstance(exc, Invalid) else ()
+            return problem(entry.status, str(exc), slug=entry.slug, title=entry.title, errors=errors)
+        return handle
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http)
+    for error_type in STORE_ERRORS:
+        app.add_exception_handler(error_type, on_store)
+    for error_type, entry in known.items():
+        app.add_exception_handler(error_type, on_known(entry))
+    app.add_exception_handler(Exception, on_unexpected)

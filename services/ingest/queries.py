@@ -1,0 +1,81 @@
+"""The read side of the API: folds of the event store, computed per request.
+
+At trial scale (tens of patients, thousands of events) folding on read is cheap and always
+follows the corrected history; the safety service keeps its own projections for its decisions.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.alert_log import AlertView, fold_alerts
+from shared.clinical.patient import fold_patient
+from shared.clinical.stopping import evaluate_rules
+from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, patient_stream
+from shared.patients import load_patient_states
+from shared.protocol import Protocol
+from shared.store import eventstore
+from services.ingest.domain.access import check_site, enrolled_site, visible
+
+
+async def _history(conn: AsyncConnection, subject_id: str, site_scope: str | None,
+                   as_of: datetime | None = None) -> list[StoredEvent]:
+    history = await eventstore.read_stream(conn, patient_stream(subject_id))
+    check_site(site_scope, enrolled_site(subject_id, history), f"patient {subject_id}")
+    if as_of is not None:
+        history = [e for e in history if e.recorded_at <= as_of]
+    return history
+
+
+async def patient_history(conn: AsyncConnection, subject_id: str, *, site_scope: str | None,
+                          as_of: datetime | None) -> list[StoredEvent]:
+    """Everything recorded about the patient, in recorded order; with ``as_of`` what was known then."""
+    return await _history(conn, subject_id, site_scope, as_of)
+
+
+async def _alerts(conn: AsyncConnection) -> list[AlertView]:
+    return list(fold_alerts(await eventstore.read_types(conn, ALERT_TYPES)).values())
+
+
+async def patient_view(conn: AsyncConnection, subject_id: str, *, protocol: Protocol, now: datetime,
+                       site_scope: str | None) -> dict[str, Any]:
+    """The folded patient state, the patient's open alerts and the stream version (for If-Match)."""
+    history = await _history(conn, subject_id, site_scope)
+    open_alerts = [a for a in await _alerts(conn) if a.subject_id == subject_id and a.is_open]
+    open_alerts.sort(key=lambda a: a.raised_at, reverse=True)
+    return fold_patient(history, protocol, now=now).public() | {
+        "open_alerts": [a.public() for a in open_alerts],
+        "stream_version": history[-1].stream_version,
+    }
+
+
+async def _sites(conn: AsyncConnection) -> dict[str, str]:
+    return {str(e.subject_id): str(e.data["site_id"])
+            for e in await eventstore.read_types(conn, [PATIENT_ENROLLED])}
+
+
+async def list_alerts(conn: AsyncConnection, *, site_scope: str | None, subject_id: str | None,
+                      since: datetime | None, status: str | None) -> list[AlertView]:
+    """Alerts newest first (by when raised); a site's staff see only their site's patients' alerts.
+
+    An alert without a site of its own (a trial-wide stopping rule) is the investigators' only;
+    one naming a patient but no site takes the patient's site.
+    """
+    sites = await _sites(conn) if site_scope is not None else {}
+    chosen = [
+        a for a in await _alerts(conn)
+        if (subject_id is None or a.subject_id == subject_id)
+        and (since is None or a.raised_at >= since)
+        and (status is None or a.status == status)
+        and visible(site_scope, a.site_id or sites.get(a.subject_id or ""))
+    ]
+    return sorted(chosen, key=lambda a: a.raised_at, reverse=True)
+
+
+async def stopping_rules(conn: AsyncConnection, *, protocol: Protocol, now: datetime) -> list[dict[str, Any]]:
+    """Each stopping rule over every patient's folded state (evaluable, events, boundary, status)."""
+    states = await load_patient_states(conn, protocol, now=now)
+    return [rule.public() for rule in evaluate_rules(protocol, states)]

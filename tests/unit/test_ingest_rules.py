@@ -1,0 +1,99 @@
+"""The ingest service's pure rules: eligibility, amendments, error paths, body fingerprints."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from shared.events import ClinicalEventBody, Enrolment, StoredEvent
+from services.ingest.auth import PERMISSIONS, Principal
+from services.ingest.domain.acceptance import amendment_problems, time_problems
+from services.ingest.domain.eligibility import failed_criteria
+from services.ingest.idempotency import body_hash
+from services.ingest.problems import field_problems
+
+NOW = datetime(2025, 12, 1, 12, tzinfo=UTC)
+BODY = TypeAdapter(ClinicalEventBody)
+CLEAN = {"stable_vital_signs": True, "severe_infection": False, "gvhd_grade_2_to_4": False,
+         "organ_failure": False, "cns_leukemia": False, "drug_allergy": False}
+
+
+def enrolment(**changes: object) -> Enrolment:
+    return Enrolment.model_validate({
+        "subject_id": "S01-001", "site_id": "S01", "age_years": 40, "weight_kg": 60, "cohort": "mrd_positive",
+        "transplant_date": "2025-01-01", "relapse_date": "2025-06-01", "eligibility": CLEAN} | changes)
+
+
+def stored(type_: str, version: int, **data: object) -> StoredEvent:
+    return StoredEvent(position=version, event_id=uuid.uuid4(), stream_id="patient-S01-001", stream_version=version,
+                       type=type_, subject_id="S01-001", occurred_at=NOW, recorded_at=NOW, recorded_by="t",
+                       data=dict(data))
+
+
+def test_an_eligible_patient_fails_nothing_and_each_failure_is_named() -> None:
+    assert failed_criteria(enrolment(), max_age_years=65) == []
+    failed = failed_criteria(enrolment(age_years=65.5, eligibility=CLEAN | {"stable_vital_signs": False,
+                                                                            "drug_allergy": True}), max_age_years=65)
+    assert [p.path for p in failed] == ["age_years", "eligibility.stable_vital_signs", "eligibility.drug_allergy"]
+
+
+def test_clinical_time_may_run_five_minutes_ahead_not_more() -> None:
+    ok = BODY.validate_python({"type": "relapse", "occurred_at": (NOW + timedelta(minutes=5)).isoformat()})
+    late = BODY.validate_python({"type": "relapse", "occurred_at": (NOW + timedelta(minutes=6)).isoformat()})
+    assert time_problems(ok, NOW) == [] and [p.path for p in time_problems(late, NOW)] == ["occurred_at"]
+
+
+def test_amendments_point_at_live_observations_of_the_same_type() -> None:
+    enrolled, crs = stored("patient_enrolled", 1, site_id="S01"), stored("crs", 2, grade=1)
+    retraction = stored("retraction", 3, retracts_event_id=str(crs.event_id), reason="x")
+
+    def correction(target: uuid.UUID, kind: str = "crs") -> object:
+        return BODY.validate_python({"type": "correction", "occurred_at": NOW.isoformat(), "reason": "x",
+                                     "corrects_event_id": str(target),
+                                     "replacement": {"type": kind, "grade": 2, "occurred_at": NOW.isoformat()}})
+
+    assert amendment_problems(correction(crs.event_id), [enrolled, crs]) == []
+    assert [p.path for p in amendment_problems(correction(crs.event_id, "icans"), [enrolled, crs])] == \
+        ["replacement.type"]
+    assert [p.path for p in amendment_problems(correction(enrolled.event_id), [enrolled, crs])] == \
+        ["corrects_event_id"]
+    problems = amendment_problems(correction(crs.event_id), [enrolled, crs, retraction])
+    assert "already retracted" in problems[0].message
+
+
+@pytest.mark.parametrize("body,path", [
+    ({"type": "crs", "occurred_at": "2025-12-01T00:00:00Z"}, "grade"),
+    ({"type": "crs", "occurred_at": "2025-12-01T00:00:00Z", "hypotension": True}, "max_temp_c"),
+    ({"type": "gvhd", "occurred_at": "2025-12-01T00:00:00Z", "form": "acute"}, "grade"),
+    ({"type": "lab", "occurred_at": "2025-12-01T00:00:00Z", "test": "platelets", "value": 1, "unit": "g/L"}, "unit"),
+    ({"type": "disease_assessment", "occurred_at": "2025-12-01T00:00:00Z"}, "mrd"),
+    ({"type": "correction", "occurred_at": "2025-12-01T00:00:00Z", "reason": "r",
+      "corrects_event_id": str(uuid.uuid4()), "replacement": {"type": "dli", "occurred_at": "x", "mnc_per_kg": 1}},
+     "replacement.occurred_at"),
+    ({"type": "correction", "occurred_at": "2025-12-01T00:00:00Z", "reason": "r",
+      "corrects_event_id": str(uuid.uuid4()), "replacement": {"type": "nope"}}, "replacement.type"),
+])
+def test_a_rule_over_several_fields_names_a_field_and_union_tags_are_dropped(body: dict[str, object],
+                                                                              path: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        BODY.validate_python(body)
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in caught.value.errors()]
+    assert path in [p.path for p in field_problems(errors)]
+
+
+def test_the_body_fingerprint_ignores_key_order_and_spacing() -> None:
+    assert body_hash(b'{"a": 1, "b": [1, 2]}') == body_hash(b'{"b":[1,2],"a":1}')
+    assert body_hash(b'{"a": 1}') != body_hash(b'{"a": 2}')
+    assert body_hash(b"") == body_hash(b"  ")
+
+
+def test_roles() -> None:
+    staff = Principal("u", "site_staff", "S01", "h")
+    assert staff.site_scope == "S01" and staff.may("record_event") and not staff.may("acknowledge_alert")
+    assert Principal("u", "investigator", "S01", "h").site_scope is None
+    assert PERMISSIONS["dsmb"] == {"read_stopping_rules"}
+    assert not Principal("u", "investigator", None, "h").may("record_event")
+    assert not Principal("u", "investigator", None, "h").may("enrol")
