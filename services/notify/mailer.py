@@ -1,0 +1,151 @@
+"""Sending mail: the ``Mailer`` port, its aiosmtplib adapter and a recording fake.
+
+The port knows nothing about alerts or deliveries: it takes a finished ``EmailMessage`` (recipients
+in its headers) and either hands it to a mail server or raises ``MailerUnavailable``. Retrying is
+the caller's business (``deliveries.DeliverySender``), so the adapter never retries by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+
+log = logging.getLogger(__name__)
+
+# scheme -> (default port, implicit TLS, STARTTLS)
+_SCHEMES: dict[str, tuple[int, bool, bool]] = {
+    "smtp": (25, False, False),
+    "smtp+starttls": (587, False, True),
+    "smtps": (465, True, False),
+}
+
+
+class MailerUnavailable(Exception):
+    """The message was not accepted: server unreachable, timed out, or answered 4xx/5xx.
+
+    ``code`` is the SMTP reply code when the server gave one (5xx: permanent by RFC 5321, yet the
+    delivery ledger still retries, since a mis-set relay is fixed by an operator, not by waiting).
+    """
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Mailer(Protocol):
+    """Hand one message to a mail system; return only once it was accepted."""
+
+    async def send(self, message: EmailMessage) -> None: ...
+
+
+@dataclass(frozen=True)
+class SmtpMailer:
+    """The aiosmtplib adapter: one connection per message (alerts are few; no pool to go stale)."""
+
+    hostname: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    use_tls: bool = False
+    start_tls: bool = False
+    timeout: float = 10
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 10) -> SmtpMailer:
+        """``smtp://[user:pass@]host[:port]`` plain (port 25), ``smtp+starttls://…`` (587),
+        ``smtps://…`` implicit TLS (465). User and password are percent-decoded."""
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in _SCHEMES:
+            raise ValueError(
+                f"SMTP URL {_redact(url)!r}: scheme {parts.scheme!r} is not one of {sorted(_SCHEMES)}"
+            )
+        if not parts.hostname:
+            raise ValueError(f"SMTP URL {_redact(url)!r}: no host (expected {scheme}://host:port)")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"SMTP URL {_redact(url)!r}: bad port ({exc})") from None
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"SMTP URL {_redact(url)!r}: unexpected path, query or fragment")
+        if (parts.username is None) != (parts.password is None):
+            raise ValueError(f"SMTP URL {_redact(url)!r}: give both user and password, or neither")
+        default_port, use_tls, start_tls = _SCHEMES[scheme]
+        return cls(
+            hostname=parts.hostname,
+            port=port or default_port,
+            username=unquote(parts.username) if parts.username is not None else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+            use_tls=use_tls,
+            start_tls=start_tls,
+            timeout=timeout,
+        )
+
+    def describe(self) -> str:
+        mode = "smtps" if self.use_tls else "smtp+starttls" if self.start_tls else "smtp"
+        return f"{mode}://{self.hostname}:{self.port}"
+
+    async def send(self, message: EmailMessage) -> None:
+        try:
+            refused, _ = await aiosmtplib.send(
+                message,
+                hostname=self.hostname,
+                port=self.port,
+                username=self.username,
+                password=self.password,
+                use_tls=self.use_tls,
+                start_tls=self.start_tls,
+                timeout=self.timeout,
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            raise MailerUnavailable(
+                f"{self.describe()} answered {exc.code} {exc.message}", code=exc.code
+            ) from exc
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            raise MailerUnavailable(
+                f"{self.describe()} refused every recipient: {exc}", code=max(codes, default=None)
+            ) from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise MailerUnavailable(f"{self.describe()} unavailable: {exc or type(exc).__name__}") from exc
+        if refused:
+            raise MailerUnavailable(
+                f"{self.describe()} refused {sorted(refused)}",
+                code=max(r.code for r in refused.values()),
+            )
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+class RecordingMailer:
+    """A fake that keeps every accepted message; ``fail_next(n)`` makes the next n sends fail."""
+
+    def __init__(self) -> None:
+        self.sent: list[EmailMessage] = []
+        self.attempts = 0
+        self._failures = 0
+        self._error = "told to fail"
+
+    def fail_next(self, n: int = 1, *, error: str = "told to fail") -> None:
+        self._failures, self._error = n, error
+
+    async def send(self, message: EmailMessage) -> None:
+        self.attempts += 1
+        if self._failures > 0:
+            self._failures -= 1
+            raise MailerUnavailable(f"recording mailer: {self._error}")
+        self.sent.append(message)
+
+    def to(self, recipient: str) -> list[EmailMessage]:
+        """The messages addressed to one recipient (compared case-insensitively)."""
+        return [m for m in self.sent if str(m["To"]).lower() == recipient.lower()]

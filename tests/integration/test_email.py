@@ -1,0 +1,359 @@
+"""Alert mail end to end against a real SMTP server (aiosmtpd on loopback) and the test database."""
+
+import asyncio
+import re
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.notify.capture import MailCapture
+from services.notify.deliveries import (
+    DeliverySender,
+    enqueue,
+    message_id_for,
+    recipients_for,
+    recipients_for_event,
+    recipients_of_alert,
+)
+from services.notify.mailer import Mailer, MailerUnavailable, RecordingMailer, SmtpMailer
+from shared.events import (
+    ALERT_RAISED,
+    ALERT_WITHDRAWN,
+    STOPPING_BOUNDARY_CROSSED,
+    AlertRaised,
+    AlertWithdrawn,
+    NewEvent,
+    StoredEvent,
+    alert_stream,
+)
+from shared.store.engine import make_engine
+from shared.store.eventstore import append, now_utc, utc
+from shared.store.tables import deliveries
+
+TRIAL = "Blinatumomab + DLI after allo-HSCT"
+
+
+def address(role: str) -> str:
+    return f"{role}-{uuid.uuid4().hex[:8]}@example.org"
+
+
+def subject_id() -> str:
+    return f"S01-{uuid.uuid4().hex[:6]}"
+
+
+async def raise_alert(engine: AsyncEngine, *, audience: str = "investigators", **fields: Any) -> StoredEvent:
+    alert_id = uuid.uuid4()
+    stopping = audience == "investigators_and_dsmb"
+    subject = None if stopping else subject_id()
+    data = AlertRaised(
+        alert_id=alert_id, kind="stopping_boundary_crossed" if stopping else "crs_grade_3_plus",
+        severity=fields.pop("severity", "urgent"), audience=audience, subject_id=subject,
+        site_id=None if stopping else "S01", title=fields.pop("title", "Grade 3 CRS"),
+        detail="ASTCT grade 3 CRS on day 5.", action="See the patient now.", rule="crs_grade_3_plus",
+        cause_occurred_at=now_utc() - timedelta(hours=1), cause_recorded_at=now_utc(),
+        facts={"grade": 3}, **fields,
+    ).model_dump(mode="json")
+    event_type = STOPPING_BOUNDARY_CROSSED if stopping else ALERT_RAISED
+    return await store(engine, alert_id, event_type, subject, data)
+
+
+async def withdraw(engine: AsyncEngine, raised: StoredEvent) -> StoredEvent:
+    d = raised.data
+    data = AlertWithdrawn(
+        alert_id=d["alert_id"], kind=d["kind"], severity=d["severity"], audience=d["audience"],
+        subject_id=d["subject_id"], site_id=d["site_id"], title=d["title"], reason="Corrected to grade 2.",
+    ).model_dump(mode="json")
+    return await store(engine, d["alert_id"], ALERT_WITHDRAWN, d["subject_id"], data)
+
+
+async def store(engine: AsyncEngine, alert_id: Any, event_type: str, subject: str | None, data: dict) -> StoredEvent:
+    event = NewEvent(type=event_type, subject_id=subject, occurred_at=now_utc(), recorded_by="safety", data=data)
+    async with engine.begin() as conn:
+        [stored] = await append(conn, alert_stream(alert_id), [event])
+    return stored
+
+
+async def queue(engine: AsyncEngine, event: StoredEvent, recipients: list[str], now: datetime | None = None) -> int:
+    async with engine.begin() as conn:
+        return await enqueue(conn, event, recipients, now=now)
+
+
+async def rows_of(engine: AsyncEngine, event: StoredEvent) -> list[Any]:
+    async with engine.connect() as conn:
+        query = select(deliveries).where(deliveries.c.alert_event_id == str(event.event_id))
+        return list((await conn.execute(query.order_by(deliveries.c.recipient))).all())
+
+
+def sender(engine: AsyncEngine, mailer: Mailer) -> DeliverySender:
+    return DeliverySender(
+        engine, mailer, mail_from="trialwatch@localhost", api_base_url="http://127.0.0.1:8000", trial_title=TRIAL
+    )
+
+
+def mail_to(messages: list[EmailMessage], recipients: list[str]) -> list[EmailMessage]:
+    wanted = {r.lower() for r in recipients}
+    return [m for m in messages if str(m["To"]).lower() in wanted]
+
+
+@pytest.fixture
+async def capture(data_dir: Path) -> AsyncIterator[MailCapture]:
+    async with MailCapture(data_dir) as running:
+        yield running
+
+
+# --------------------------------------------------------------------------- who gets what
+
+
+def test_only_urgent_and_high_are_mailed_and_the_dsmb_only_when_asked() -> None:
+    team = {"investigators": ["PI@example.org", "sub-i@example.org"], "dsmb": ["dsmb@example.org", "pi@example.org"]}
+    assert recipients_for({"severity": "info"}, **team) == []
+    assert recipients_for({"severity": "high", "audience": "investigators"}, **team) == team["investigators"]
+    assert recipients_for({"severity": "urgent", "audience": "investigators_and_dsmb"}, **team) == [
+        "PI@example.org", "sub-i@example.org", "dsmb@example.org",
+    ]
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+async def test_each_recipient_gets_the_alert_once(engine: AsyncEngine, capture: MailCapture) -> None:
+    investigators, dsmb = [address("pi"), address("sub-i")], [address("dsmb")]
+    event = await raise_alert(engine, audience="investigators_and_dsmb", title="CRS grade >= 3")
+    recipients = recipients_for(event.data, investigators=investigators + [investigators[0].upper()], dsmb=dsmb)
+
+    # queued once, however often the event comes back
+    assert await queue(engine, event, recipients) == 3
+    assert await queue(engine, event, recipients) == 0
+    assert await queue(engine, event, [r.upper() for r in recipients]) == 0
+
+    mailer = SmtpMailer.from_url(capture.url)
+    assert await sender(engine, mailer).send_due() >= 3
+    await sender(engine, mailer).send_due()
+
+    mails = mail_to(capture.messages(), recipients)
+    assert sorted(str(m["To"]) for m in mails) == sorted(recipients)
+    for mail in mails:
+        assert mail["Subject"] == "[TrialWatch] URGENT stopping rule crossed: CRS grade >= 3"
+        assert mail["Message-ID"] == message_id_for(event.event_id, str(mail["To"]))
+        assert mail["From"] == "trialwatch@localhost"
+        assert "http://127.0.0.1:8000/v1/stopping-rules" in mail.get_body(("plain",)).get_content()
+    assert {r.status for r in await rows_of(engine, event)} == {"sent"}
+    assert list(capture.folder.glob("*.eml")) and all(
+        re.fullmatch(r"\d{8}T\d{12}Z-\d+\.eml", p.name) for p in capture.folder.glob("*.eml")
+    )
+
+
+async def test_server_down_then_up_delivers_once_after_the_backoff(engine: AsyncEngine, data_dir: Path) -> None:
+    capture = MailCapture(data_dir)
+    await capture.start()
+    port = capture.port
+    await capture.stop()  # nothing listens on that port now
+    pi = address("pi")
+    event = await raise_alert(engine, severity="high")
+    t0 = now_utc()
+    await queue(engine, event, [pi], now=t0)
+    mailer = SmtpMailer.from_url(f"smtp://127.0.0.1:{port}", timeout=2)
+
+    # the failure is recorded; the row waits for its next attempt
+    await sender(engine, mailer).send_due(now=t0)
+    [row] = await rows_of(engine, event)
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert "MailerUnavailable" in row.last_error
+    assert utc(row.next_attempt_at) == t0 + timedelta(seconds=2)
+
+    # the server comes back on the same port; nothing is sent before the backoff, then exactly once
+    await capture.start()
+    assert capture.port == port
+    try:
+        await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=1))
+        assert mail_to(capture.messages(), [pi]) == []
+        await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=3))
+        await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=60))
+        [mail] = mail_to(capture.messages(), [pi])
+        assert mail["Subject"] == f"[TrialWatch] HIGH {event.subject_id}: Grade 3 CRS"
+        [row] = await rows_of(engine, event)
+        assert (row.status, row.attempts) == ("sent", 1)
+    finally:
+        await capture.stop()
+
+
+async def test_a_claim_left_by_a_crashed_sender_is_taken_again_after_its_lease(
+    engine: AsyncEngine, capture: MailCapture
+) -> None:
+    pi, t0 = address("pi"), now_utc()
+    event = await raise_alert(engine)
+    await queue(engine, event, [pi], now=t0)
+    async with engine.begin() as conn:  # as a replica leaves it when it dies in the middle of a send
+        await conn.execute(
+            update(deliveries).where(deliveries.c.alert_event_id == str(event.event_id))
+            .values(status="sending", claimed_until=t0 + timedelta(seconds=120))
+        )
+    mailer = SmtpMailer.from_url(capture.url)
+    await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=60))
+    assert mail_to(capture.messages(), [pi]) == []
+    await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=121))
+    assert len(mail_to(capture.messages(), [pi])) == 1
+
+
+async def test_two_senders_racing_send_each_mail_once(
+    engine: AsyncEngine, database_url: str, capture: MailCapture
+) -> None:
+    team = [address("pi"), address("sub-i"), address("nurse")]
+    alerts = [await raise_alert(engine) for _ in range(4)]
+    for event in alerts:
+        await queue(engine, event, team)
+    replica = make_engine(database_url)  # a second process, with its own connections
+    try:
+        one = sender(engine, SmtpMailer.from_url(capture.url))
+        two = sender(replica, SmtpMailer.from_url(capture.url))
+        for _ in range(3):
+            await asyncio.gather(one.send_due(), two.send_due())
+    finally:
+        await replica.dispose()
+    copies = Counter(str(m["Message-ID"]) for m in mail_to(capture.messages(), team))
+    expected = {message_id_for(e.event_id, r) for e in alerts for r in team}
+    assert set(copies) == expected
+    assert set(copies.values()) == {1}
+
+
+# --------------------------------------------------------------------------- withdrawn notices
+
+
+async def test_withdrawn_notice_goes_to_those_who_got_the_alert(engine: AsyncEngine, capture: MailCapture) -> None:
+    before, newcomer = [address("pi"), address("sub-i")], address("new-pi")
+    raised = await raise_alert(engine)
+    async with engine.begin() as conn:
+        await enqueue(conn, raised, recipients_for(raised.data, investigators=before, dsmb=[]))
+    mailer = SmtpMailer.from_url(capture.url)
+    await sender(engine, mailer).send_due()
+
+    # the investigator list changed since; the notice still goes to whoever had the alert
+    withdrawn = await withdraw(engine, raised)
+    async with engine.begin() as conn:
+        assert sorted(await recipients_of_alert(conn, raised.data["alert_id"])) == sorted(before)
+        recipients = await recipients_for_event(conn, withdrawn, investigators=[newcomer], dsmb=[])
+        assert await enqueue(conn, withdrawn, recipients) == 2
+    await sender(engine, mailer).send_due()
+
+    notices = [m for m in mail_to(capture.messages(), before + [newcomer]) if "WITHDRAWN" in m["Subject"]]
+    assert sorted(str(m["To"]) for m in notices) == sorted(before)
+    for notice in notices:
+        assert notice["Subject"] == f"[TrialWatch] WITHDRAWN {raised.subject_id}: Grade 3 CRS"
+        assert notice["In-Reply-To"].strip() == message_id_for(raised.event_id, str(notice["To"]))
+        assert "Corrected to grade 2." in notice.get_body(("plain",)).get_content()
+
+
+async def test_a_withdrawn_notice_never_overtakes_its_alert(engine: AsyncEngine) -> None:
+    pi, t0 = address("pi"), now_utc()
+    raised = await raise_alert(engine)
+    await queue(engine, raised, [pi], now=t0)
+    mailer = RecordingMailer()
+    mailer.fail_next(1)
+    await sender(engine, mailer).send_due(now=t0)  # the alert's first attempt fails
+    withdrawn = await withdraw(engine, raised)
+    async with engine.begin() as conn:
+        await enqueue(conn, withdrawn, await recipients_of_alert(conn, raised.data["alert_id"]), now=t0)
+
+    await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=1))
+    assert mailer.to(pi) == []  # the notice waits for the alert
+    for seconds in (3, 10, 30):
+        await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=seconds))
+    assert [m["Subject"].split()[1] for m in mailer.to(pi)] == ["URGENT", "WITHDRAWN"]
+
+
+# --------------------------------------------------------------------------- the adapters
+
+
+async def test_a_4xx_or_5xx_answer_is_mailer_unavailable(data_dir: Path) -> None:
+    class Refusing:
+        async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:  # noqa: N802
+            return "550 5.1.1 no such user" if address.startswith("nobody") else "451 4.3.0 try again later"
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(Refusing(), hostname="refusing"), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        mailer = SmtpMailer.from_url(f"smtp://127.0.0.1:{port}")
+        for to, code in (("nobody@example.org", 550), ("pi@example.org", 451)):
+            message = EmailMessage()
+            message["From"], message["To"], message["Subject"] = "trialwatch@localhost", to, "x"
+            message.set_content("x")
+            with pytest.raises(MailerUnavailable) as caught:
+                await mailer.send(message)
+            assert caught.value.code == code
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("smtp://mail.example.org:2525", ("mail.example.org", 2525, None, False, False)),
+        ("smtp://mail.example.org", ("mail.example.org", 25, None, False, False)),
+        ("smtp+starttls://u%40x:p%2Fw@mail.example.org", ("mail.example.org", 587, "u@x", False, True)),
+        ("smtps://u:pw@[::1]:1465", ("::1", 1465, "u", True, False)),
+    ],
+)
+def test_smtp_urls(url: str, expected: tuple[Any, ...]) -> None:
+    mailer = SmtpMailer.from_url(url, timeout=3)
+    assert (mailer.hostname, mailer.port, mailer.username, mailer.use_tls, mailer.start_tls) == expected
+    assert mailer.timeout == 3
+    assert "pw" not in repr(mailer)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://mail.example.org", "scheme"),
+        ("smtp://:25", "no host"),
+        ("smtp://mail.example.org:70000", "bad port"),
+        ("smtp://mail.example.org:25/inbox", "path"),
+        ("smtp://user@mail.example.org", "password"),
+    ],
+)
+def test_bad_smtp_urls_say_what_is_wrong(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        SmtpMailer.from_url(url)
+
+
+def test_a_bad_url_does_not_echo_the_password() -> None:
+    with pytest.raises(ValueError) as caught:
+        SmtpMailer.from_url("smtp://u:secret@mail.example.org:25/x")
+    assert "secret" not in str(caught.value)
+
+
+async def test_recording_mailer_fails_when_told() -> None:
+    mailer, message = RecordingMailer(), EmailMessage()
+    message["To"] = "pi@example.org"
+    mailer.fail_next(2)
+    for _ in range(2):
+        with pytest.raises(MailerUnavailable):
+            await mailer.send(message)
+    await mailer.send(message)
+    assert (mailer.attempts, len(mailer.sent), len(mailer.to("PI@example.org"))) == (3, 1, 1)
+
+
+async def test_run_sends_when_poked_and_stops_when_told(engine: AsyncEngine) -> None:
+    pi, mailer, stop = address("pi"), RecordingMailer(), asyncio.Event()
+    loop_sender = sender(engine, mailer)
+    running = asyncio.create_task(loop_sender.run(stop, interval=30))
+    event = await raise_alert(engine)
+    await queue(engine, event, [pi])
+    loop_sender.poke()
+    async with asyncio.timeout(10):
+        while not mailer.to(pi):
+            await asyncio.sleep(0.02)
+    stop.set()
+    async with asyncio.timeout(5):
+        await running
+    assert len(mailer.to(pi)) == 1
