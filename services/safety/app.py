@@ -1,0 +1,115 @@
+"""Composition root of the safety service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from faststream import FastStream
+from faststream.nats import NatsBroker
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.safety.consumer import DURABLE, build_router
+from services.safety.handlers import SafetyMonitor
+from services.safety.scheduler import DueChecks
+from shared.bus import BusNames, OutboxRelay, ensure_stream
+from shared.consuming import Subscription, process_once
+from shared.events import PATIENT_ENROLLED, StoredEvent
+from shared.patients import PATIENT_TYPES
+from shared.protocol import Protocol, load_protocol
+from shared.settings import Settings
+from shared.store.engine import make_engine
+from shared.store.eventstore import now_utc
+from shared.store.tables import events
+
+log = logging.getLogger(__name__)
+
+
+def make_broker(url: str) -> NatsBroker:
+    return NatsBroker(url, max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5)
+
+
+class SafetyService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        nats_url: str,
+        engine: AsyncEngine | None = None,
+        broker: NatsBroker | None = None,
+        protocol: Protocol | None = None,
+        clock: Callable[[], datetime] = now_utc,
+    ) -> None:
+        self.names = BusNames(settings.stream_name, settings.subject_prefix)
+        self.nats_url = nats_url
+        self.engine = engine or make_engine(settings.resolved_database_url)
+        self.broker = broker or make_broker(nats_url)
+        self.protocol = protocol or load_protocol(settings.protocol)
+        self.clock = clock
+        self.monitor = SafetyMonitor(self.engine, self.protocol, clock)
+        self.due = DueChecks(self.engine, self._check, clock)
+        self.relay = OutboxRelay(self.engine, self.broker, self.names)
+        subscription = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
+        self.broker.include_router(build_router(self.names, subscription))
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def handle(self, event: StoredEvent) -> None:
+        async with self.monitor._lock:
+            await process_once(self.engine, DURABLE, event, self.monitor.on_event)
+        self.relay.poke()
+        if event.type in PATIENT_TYPES and event.subject_id:
+            await self.due.reschedule(event.subject_id)
+
+    async def _check(self, subject_id: str | None) -> None:
+        await self.monitor.check(subject_id)
+        self.relay.poke()
+
+    async def sweep(self) -> int:
+        """Re-evaluate every patient once (start-up: catches what fell due while down)."""
+        async with self.engine.connect() as conn:
+            subjects = (await conn.execute(
+                select(events.c.subject_id).where(events.c.type == PATIENT_ENROLLED).order_by(events.c.position)
+            )).scalars().all()
+        for subject_id in subjects:
+            await self.monitor.check(subject_id)
+        await self.monitor.check(None)
+        self.relay.poke()
+        return len(subjects)
+
+    async def before_start(self) -> None:
+        await ensure_stream(self.nats_url, self.names)
+
+    async def after_start(self) -> None:
+        self._stop.clear()
+        self._tasks.append(asyncio.create_task(self.relay.run(self._stop)))
+        self.due.start()
+        await self.sweep()
+        await self.due.rebuild()
+
+    async def before_stop(self) -> None:
+        self._stop.set()
+        self.due.shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def app(self) -> FastStream:
+        return FastStream(
+            self.broker,
+            on_startup=[self.before_start],
+            after_startup=[self.after_start],
+            on_shutdown=[self.before_stop],
+        )
+
+
+def create_app(settings: Settings | None = None, **overrides: object) -> FastStream:
+    """``faststream run --factory services.safety.app:create_app`` (TRIALWATCH_NATS_URL must be set)."""
+    settings = settings or Settings()
+    if not settings.nats_url:
+        raise RuntimeError("TRIALWATCH_NATS_URL is not set (trialwatch up starts an embedded server)")
+    return SafetyService(settings, nats_url=settings.nats_url, **overrides).app()  # type: ignore[arg-type]

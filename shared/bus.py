@@ -1,0 +1,132 @@
+"""The bus: one JetStream stream, one subject per event type, and the outbox relay.
+
+- Every stored event is published to ``<prefix>.events.<type>`` on the stream ``<name>``.
+- Publishing happens only here, in the relay, never inside a request: the relay reads *every*
+  unpublished outbox row in position order (not "rows after the last position seen": PostgreSQL
+  hands out positions before commit, so a row can commit after a higher one), publishes it with
+  ``Nats-Msg-Id`` = event id (the server drops a re-publish inside its duplicate window), and
+  deletes the row only after the server's ack.
+- JetStream's duplicate window is minutes long; consumers therefore keep their own durable
+  "processed" rows (shared/consuming.py) and never rely on the broker for idempotency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import nats
+from faststream.nats import NatsBroker
+from nats.js.api import StreamConfig
+from nats.js.errors import BadRequestError
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.store.eventstore import to_stored
+from shared.store.tables import events, outbox
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_WINDOW_S = 120.0
+
+
+@dataclass(frozen=True)
+class BusNames:
+    stream: str = "TRIALWATCH"
+    prefix: str = "trialwatch"
+
+    @property
+    def all_events(self) -> str:
+        return f"{self.prefix}.events.>"
+
+    def subject(self, event_type: str) -> str:
+        return f"{self.prefix}.events.{event_type}"
+
+
+async def ensure_stream(url: str, names: BusNames) -> None:
+    """Create the stream, or bring an existing one to this configuration."""
+    config = StreamConfig(
+        name=names.stream,
+        subjects=[names.all_events],
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
+    try:
+        js = nc.jetstream()
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+    finally:
+        await nc.close()
+
+
+async def check_nats(url: str) -> None:
+    """Readiness: the server answers and JetStream is on."""
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+    try:
+        await nc.jetstream().account_info()
+    finally:
+        await nc.close()
+
+
+class OutboxRelay:
+    """Publishes outbox rows to JetStream; safe to run in several processes at once."""
+
+    def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 100) -> None:
+        self.engine, self.broker, self.names, self.batch = engine, broker, names, batch
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def publish_pending(self) -> int:
+        """Publish what is waiting, oldest first; stop at the first failure (order is kept)."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(events)
+                    .join(outbox, outbox.c.position == events.c.position)
+                    .order_by(events.c.position)
+                    .limit(self.batch)
+                )
+            ).all()
+        published = 0
+        for row in rows:
+            event = to_stored(row)
+            try:
+                await self.broker.publish(
+                    event.to_message(),
+                    self.names.subject(event.type),
+                    headers={"Nats-Msg-Id": str(event.event_id)},
+                    stream=self.names.stream,
+                    timeout=5.0,
+                )
+            except Exception:
+                async with self.engine.begin() as conn:
+                    await conn.execute(
+                        update(outbox).where(outbox.c.position == event.position).values(attempts=outbox.c.attempts + 1)
+                    )
+                raise
+            async with self.engine.begin() as conn:
+                await conn.execute(delete(outbox).where(outbox.c.position == event.position))
+            published += 1
+        return published
+
+    async def run(self, stop: asyncio.Event, *, interval: float = 0.2) -> None:
+        backoff = interval
+        while not stop.is_set():
+            try:
+                published = await self.publish_pending()
+                backoff = interval
+            except Exception as exc:  # the broker is down or slow: wait and try again, keep the rows
+                log.warning("outbox relay: publish failed (%s); retrying in %.1f s", exc, backoff)
+                published, backoff = 0, min(backoff * 2, 5.0)
+            if published >= self.batch:
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+            except TimeoutError:
+                pass

@@ -1,0 +1,102 @@
+"""Consuming events from JetStream: exactly-once effects over at-least-once delivery.
+
+- ``process_once`` writes the consumer's "I processed event X" row in the *same* transaction as
+  the handler's effects (eventsourcing's ``Follower.process_event``): a redelivered or replayed
+  event finds its row and changes nothing.
+- ``Subscription.handle`` is the subscriber body shared by the safety and notify services:
+  explicit acks. A failing message is nak'ed with a growing delay; on its ``max_deliver``-th
+  failure it is written to ``dead_letters`` (which an operator lists and replays with
+  ``trialwatch dead-letters``) and terminated, so it neither loops forever nor vanishes.
+  The server's own ``max_deliver`` is set two above ours, so a process killed in the middle of
+  the last attempt still gets one more delivery before the server gives up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faststream.nats import NatsMessage
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared.events import StoredEvent
+from shared.store.eventstore import now_utc
+from shared.store.tables import dead_letters, processed_messages
+
+log = logging.getLogger(__name__)
+
+Work = Callable[[AsyncConnection, StoredEvent], Awaitable[None]]
+
+
+async def process_once(engine: AsyncEngine, consumer: str, event: StoredEvent, work: Work) -> bool:
+    """Run ``work`` for ``event`` unless this consumer already did; True if it ran now."""
+    async with engine.begin() as conn:
+        seen = await conn.scalar(
+            select(processed_messages.c.event_id).where(
+                processed_messages.c.consumer == consumer, processed_messages.c.event_id == str(event.event_id)
+            )
+        )
+        if seen:
+            return False
+        await conn.execute(
+            insert(processed_messages).values(consumer=consumer, event_id=str(event.event_id), processed_at=now_utc())
+        )
+        await work(conn, event)
+    return True
+
+
+async def record_dead_letter(
+    engine: AsyncEngine, consumer: str, *, subject: str, payload: str, error: str, deliveries: int
+) -> None:
+    try:
+        event_id = str(json.loads(payload).get("event_id")) or None
+    except (ValueError, AttributeError):
+        event_id = None
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(dead_letters).values(
+                    consumer=consumer, event_id=event_id, subject=subject, payload=payload,
+                    error=error[:4000], deliveries=deliveries, created_at=now_utc(),
+                )
+            )
+    except IntegrityError:  # already dead-lettered once (a replay that failed again): keep the first
+        log.warning("%s: event %s failed again after a replay", consumer, event_id)
+
+
+class Subscription:
+    """The body of a JetStream subscriber: parse, handle once, ack; or retry, then dead-letter."""
+
+    def __init__(
+        self, engine: AsyncEngine, consumer: str, handler: Callable[[StoredEvent], Awaitable[Any]], *,
+        max_deliver: int,
+    ) -> None:
+        self.engine, self.consumer, self.handler, self.max_deliver = engine, consumer, handler, max_deliver
+
+    @property
+    def server_max_deliver(self) -> int:
+        return self.max_deliver + 2
+
+    async def handle(self, body: Any, msg: NatsMessage) -> None:
+        raw = msg.raw_message
+        delivered = int(getattr(getattr(raw, "metadata", None), "num_delivered", 1) or 1)
+        try:
+            event = StoredEvent.model_validate(body if isinstance(body, dict) else json.loads(body))
+            await self.handler(event)
+        except Exception as exc:
+            if delivered >= self.max_deliver:
+                log.error("%s: giving up on %s after %d deliveries: %s", self.consumer, raw.subject, delivered, exc)
+                await record_dead_letter(
+                    self.engine, self.consumer, subject=raw.subject, payload=raw.data.decode("utf-8", "replace"),
+                    error=f"{type(exc).__name__}: {exc}", deliveries=delivered,
+                )
+                await msg.ack()
+                return
+            log.warning("%s: delivery %d of %s failed (%s); will retry", self.consumer, delivered, raw.subject, exc)
+            await msg.nack(delay=min(2.0 ** delivered, 30.0))
+            return
+        await msg.ack()

@@ -1,0 +1,19 @@
+"""Insert-or-update on one key, for the read models (PostgreSQL and SQLite both speak it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+async def upsert(conn: AsyncConnection, table: Table, values: dict[str, Any], keys: Sequence[str]) -> None:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table).values(**values)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(keys), set_={k: v for k, v in values.items() if k not in keys}
+    )
+    await conn.execute(statement)
