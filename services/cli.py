@@ -1,0 +1,155 @@
+"""The ``trialwatch`` command (CONTRACT.md section 1).
+
+``up`` runs everything on one machine; ``ingest``, ``safety``, ``notify`` run one service each;
+the rest are operator tools that work whether or not the system is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+import typer
+
+from services.boundaries_cmd import boundaries
+from shared.protocol import ProtocolError, load_protocol
+from shared.settings import Settings
+
+app = typer.Typer(help="TrialWatch: safety monitoring for the blinatumomab + DLI trial.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+digest_app = typer.Typer(help="The DSMB summary.", no_args_is_help=True)
+dead_app = typer.Typer(help="Messages a consumer gave up on.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(digest_app, name="digest")
+app.add_typer(dead_app, name="dead-letters")
+app.command("boundaries", help="Print a stopping boundary and its operating characteristics.")(boundaries)
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    try:
+        load_protocol(settings.protocol)
+    except ProtocolError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    return settings
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def up() -> None:
+    """Run the whole system here: embedded NATS, SQLite, SMTP capture and the three services."""
+    from services.runner import run_all
+
+    _logging()
+    asyncio.run(run_all(_settings()))
+
+
+@app.command()
+def ingest() -> None:
+    """Run the HTTP API (needs TRIALWATCH_NATS_URL and a database)."""
+    from services.runner import run_ingest
+
+    _logging()
+    asyncio.run(run_ingest(_settings()))
+
+
+@app.command()
+def safety() -> None:
+    """Run the safety service."""
+    from services.runner import run_safety
+
+    _logging()
+    asyncio.run(run_safety(_settings()))
+
+
+@app.command()
+def notify() -> None:
+    """Run the notifier (alert mails and the DSMB summary)."""
+    from services.runner import run_notify
+
+    _logging()
+    asyncio.run(run_notify(_settings()))
+
+
+@token_app.command("create")
+def token_create(
+    user: str = typer.Option(..., "--user"),
+    role: str = typer.Option(..., "--role", help="site_staff | investigator | dsmb | admin"),
+    site: str | None = typer.Option(None, "--site"),
+) -> None:
+    """Create an API token; it is printed once, alone on the last line."""
+    from services.ingest.tokens_cmd import create_token_cli
+
+    try:
+        token = asyncio.run(create_token_cli(_settings(), user, role, site))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"token for {user} ({role}{', site ' + site if site else ''}); shown once, store it now:")
+    typer.echo(token)
+
+
+@app.command()
+def replay() -> None:
+    """Rebuild every projection from the event store."""
+    from services.runner import replay_projections
+
+    _logging()
+    count = asyncio.run(replay_projections(_settings()))
+    typer.echo(f"rebuilt the projections of {count} patients and the stopping rules")
+
+
+@app.command()
+def verify() -> None:
+    """Check the audit hash chain; exits 1 naming the first bad event."""
+    from services.runner import verify_chain
+
+    checked, bad, why = asyncio.run(verify_chain(_settings()))
+    if bad is not None:
+        typer.echo(
+            f"BROKEN at position {bad.position}: event {bad.event_id} ({bad.type}, stream {bad.stream_id}): {why}",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(f"ok: {checked} events, hash chain intact")
+
+
+@digest_app.command("send")
+def digest_send() -> None:
+    """Send the DSMB summary now."""
+    from services.runner import send_digest_now
+
+    _logging()
+    result = asyncio.run(send_digest_now(_settings()))
+    typer.echo(json.dumps(result))
+
+
+@dead_app.command("list")
+def dead_letters_list() -> None:
+    """List dead-lettered messages."""
+    from services.runner import list_dead_letters
+
+    for row in asyncio.run(list_dead_letters(_settings())):
+        typer.echo(json.dumps(row, default=str))
+
+
+@dead_app.command("replay")
+def dead_letters_replay(dead_letter_id: int = typer.Argument(...)) -> None:
+    """Publish a dead-lettered message again (its consumer skips it if it already took effect)."""
+    from services.runner import replay_dead_letter
+
+    asyncio.run(replay_dead_letter(_settings(), dead_letter_id))
+    typer.echo(f"replayed dead letter {dead_letter_id}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

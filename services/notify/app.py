@@ -1,0 +1,127 @@
+"""Composition root of the notifier: alert mails (queue + sender) and the DSMB summary."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from faststream import FastStream
+from faststream.nats import NatsBroker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.notify.consumer import DURABLE, build_router
+from services.notify.deliveries import DeliverySender, enqueue, recipients_for_event
+from services.notify.digests import DigestService
+from services.notify.mailer import Mailer, SmtpMailer
+from shared.bus import BusNames, ensure_stream
+from shared.consuming import Subscription, process_once
+from shared.events import ALERT_RAISED, ALERT_WITHDRAWN, STOPPING_BOUNDARY_CROSSED, StoredEvent
+from shared.protocol import Protocol, load_protocol
+from shared.settings import Settings
+from shared.store.engine import make_engine
+from shared.store.eventstore import now_utc
+
+log = logging.getLogger(__name__)
+
+MAILED = {ALERT_RAISED, STOPPING_BOUNDARY_CROSSED, ALERT_WITHDRAWN}
+DIGEST_REQUESTED = "digest_requested"
+
+
+class NotifyService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        nats_url: str,
+        smtp_url: str,
+        engine: AsyncEngine | None = None,
+        broker: NatsBroker | None = None,
+        protocol: Protocol | None = None,
+        mailer: Mailer | None = None,
+        clock: Callable[[], datetime] = now_utc,
+        replica: str | None = None,
+    ) -> None:
+        self.names = BusNames(settings.stream_name, settings.subject_prefix)
+        self.nats_url = nats_url
+        self.engine = engine or make_engine(settings.resolved_database_url)
+        self.broker = broker or NatsBroker(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=1)
+        self.protocol = protocol or load_protocol(settings.protocol)
+        self.mailer = mailer or SmtpMailer.from_url(smtp_url)
+        self.clock = clock
+        self.investigators = settings.investigator_emails or self.protocol.recipients.investigators
+        self.dsmb = settings.dsmb_emails or self.protocol.recipients.dsmb
+        self.sender = DeliverySender(
+            self.engine, self.mailer, mail_from=settings.mail_from, api_base_url=settings.api_base_url,
+            trial_title=self.protocol.trial.title,
+        )
+        self.digests = DigestService(
+            self.engine, self.mailer, self.protocol, recipients=self.dsmb, mail_from=settings.mail_from,
+            clock=clock, replica=replica,
+        )
+        subscription = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
+        self.broker.include_router(build_router(self.names, subscription))
+        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _queue(self, conn: AsyncConnection, event: StoredEvent) -> None:
+        recipients = await recipients_for_event(conn, event, investigators=self.investigators, dsmb=self.dsmb)
+        if recipients:
+            await enqueue(conn, event, recipients, now=self.clock())
+
+    async def handle(self, event: StoredEvent) -> None:
+        if event.type in MAILED:
+            await process_once(self.engine, DURABLE, event, self._queue)
+            self.sender.poke()
+        elif event.type == DIGEST_REQUESTED:
+            await self.digests.send(f"request:{event.event_id}", event.recorded_at)
+
+    async def _scheduled_digest(self) -> None:
+        try:
+            await self.digests.catch_up()
+        except Exception:
+            log.exception("scheduled DSMB summary failed; the next check retries it")
+
+    async def before_start(self) -> None:
+        await ensure_stream(self.nats_url, self.names)
+
+    async def after_start(self) -> None:
+        self._stop.clear()
+        self._tasks.append(asyncio.create_task(self.sender.run(self._stop)))
+        digest = self.protocol.digest
+        self.scheduler.add_job(self._scheduled_digest, CronTrigger.from_crontab(digest.cron, timezone=digest.timezone),
+                               id="digest", replace_existing=True, misfire_grace_time=None, coalesce=True)
+        self.scheduler.add_job(self._scheduled_digest, IntervalTrigger(minutes=5), id="digest-retry",
+                               replace_existing=True, coalesce=True)
+        self.scheduler.start()
+        self._tasks.append(asyncio.create_task(self._scheduled_digest()))
+
+    async def before_stop(self) -> None:
+        self._stop.set()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def app(self) -> FastStream:
+        return FastStream(
+            self.broker,
+            on_startup=[self.before_start],
+            after_startup=[self.after_start],
+            on_shutdown=[self.before_stop],
+        )
+
+
+def create_app(settings: Settings | None = None, **overrides: object) -> FastStream:
+    """``faststream run --factory services.notify.app:create_app`` (NATS and SMTP URLs must be set)."""
+    settings = settings or Settings()
+    if not settings.nats_url or not settings.smtp_url:
+        raise RuntimeError("TRIALWATCH_NATS_URL and TRIALWATCH_SMTP_URL must be set")
+    return NotifyService(settings, nats_url=settings.nats_url, smtp_url=settings.smtp_url, **overrides).app()  # type: ignore[arg-type]

@@ -1,0 +1,184 @@
+"""The DSMB summary, sent exactly once per period.
+
+- A period is keyed: ``scheduled:<fire time>`` for the cron schedule of the protocol file,
+  ``request:<event id>`` for ``POST /v1/digests``, ``manual:<uuid>`` for ``trialwatch digest send``.
+- The ``digests`` row is the claim: its primary key lets one replica in; the claim carries a
+  lease, so a replica that dies mid-send is taken over after the lease runs out. A sent row is
+  never sent again.
+- The data cutoff of a scheduled summary is its fire time, and its figures are folded from what
+  was *recorded* by then (the store is bitemporal), so a summary sent late after an outage shows
+  the same numbers it would have shown on time.
+- A period that fell due while the notifier was down goes out on start, once; only the latest
+  one (older ones are superseded) and never one before the notifier's first start.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.notify.digest_email import render_digest
+from services.notify.mailer import Mailer
+from services.notify.summary import RuleSnapshot, Summary, build_summary
+from shared.clinical.stopping import evaluate_rules
+from shared.patients import load_patient_states
+from shared.protocol import Protocol
+from shared.store.eventstore import utc
+from shared.store.tables import digests
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(minutes=5)
+BASELINE = "baseline"
+
+
+def replica_name() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+def latest_fire_time(cron: str, tz: str, now: datetime, *, not_before: datetime) -> datetime | None:
+    """The last moment the schedule fired at or before ``now`` (and after ``not_before``)."""
+    trigger = CronTrigger.from_crontab(cron, timezone=tz)
+    fire = trigger.get_next_fire_time(None, not_before)
+    latest = None
+    for _ in range(100_000):
+        if fire is None or fire > now:
+            break
+        latest = fire
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+    return latest
+
+
+class DigestService:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        mailer: Mailer,
+        protocol: Protocol,
+        *,
+        recipients: Sequence[str],
+        mail_from: str,
+        clock: Callable[[], datetime],
+        replica: str | None = None,
+    ) -> None:
+        self.engine, self.mailer, self.protocol = engine, mailer, protocol
+        self.recipients, self.mail_from, self.clock = list(recipients), mail_from, clock
+        self.replica = replica or replica_name()
+
+    async def build(self, cutoff: datetime) -> Summary:
+        async with self.engine.connect() as conn:
+            states = await load_patient_states(conn, self.protocol, now=cutoff, as_of=cutoff)
+        rules = [
+            RuleSnapshot(
+                rule_id=s.rule.id, title=s.rule.title, evaluable=s.evaluable, events=s.events,
+                stop_at=s.stop_at, crossed=s.crossed,
+                looks=tuple((look.n, look.stop_at) for look in s.boundary.looks),
+            )
+            for s in evaluate_rules(self.protocol, states)
+        ]
+        return build_summary(
+            [s.outcome() for s in states], rules, generated_at=self.clock(), data_cutoff=cutoff,
+            trial_title=self.protocol.trial.title,
+        )
+
+    async def _claim(self, period_key: str, cutoff: datetime) -> dict[str, Any] | None:
+        """Take the period's row, or None if it is sent or another replica holds a live lease."""
+        now = self.clock()
+        message_id = f"<digest.{uuid.uuid5(uuid.NAMESPACE_URL, period_key)}@trialwatch>"
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(digests).values(
+                    period_key=period_key, status="sending", data_cutoff=cutoff, claimed_by=self.replica,
+                    claimed_until=now + LEASE, attempts=1, message_id=message_id, created_at=now,
+                ))
+            return {"period_key": period_key, "data_cutoff": cutoff, "message_id": message_id}
+        except IntegrityError:
+            pass
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(select(digests).where(digests.c.period_key == period_key))).one()
+            if row.status != "sending" or (row.claimed_until and utc(row.claimed_until) > now):
+                return None
+            taken = await conn.execute(
+                update(digests)
+                .where(digests.c.period_key == period_key, digests.c.status == "sending",
+                       digests.c.claimed_until == row.claimed_until)
+                .values(claimed_by=self.replica, claimed_until=now + LEASE, attempts=digests.c.attempts + 1)
+            )
+            if taken.rowcount != 1:
+                return None
+            return {"period_key": period_key, "data_cutoff": utc(row.data_cutoff), "message_id": row.message_id}
+
+    async def send(self, period_key: str, cutoff: datetime) -> str:
+        """Send the period's summary unless it was sent; 'sent', 'already_sent' or 'busy'."""
+        claim = await self._claim(period_key, cutoff)
+        if claim is None:
+            async with self.engine.connect() as conn:
+                status = await conn.scalar(select(digests.c.status).where(digests.c.period_key == period_key))
+            return "already_sent" if status == "sent" else "busy"
+        try:
+            summary = await self.build(claim["data_cutoff"])
+            message = render_digest(summary, mail_from=self.mail_from, recipients=self.recipients,
+                                    message_id=claim["message_id"])
+            await self.mailer.send(message)
+        except Exception as exc:
+            log.warning("DSMB summary %s not sent (%s); it will be retried", period_key, exc)
+            async with self.engine.begin() as conn:
+                await conn.execute(update(digests).where(
+                    digests.c.period_key == period_key, digests.c.claimed_by == self.replica,
+                ).values(claimed_until=self.clock(), last_error=f"{type(exc).__name__}: {exc}"[:4000]))
+            raise
+        async with self.engine.begin() as conn:
+            await conn.execute(update(digests).where(digests.c.period_key == period_key).values(
+                status="sent", sent_at=self.clock(), summary=summary.to_json(), claimed_until=None,
+            ))
+        log.info("DSMB summary %s sent to %d recipients", period_key, len(self.recipients))
+        return "sent"
+
+    async def send_now(self, *, requested_by: str) -> dict[str, Any]:
+        key = f"manual:{uuid.uuid4()}"
+        status = await self.send(key, self.clock())
+        return {"period_key": key, "status": status, "requested_by": requested_by}
+
+    async def baseline(self) -> datetime:
+        """When this notifier first ran (recorded once): no catch-up before it."""
+        now = self.clock()
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(digests).values(
+                    period_key=BASELINE, status="baseline", data_cutoff=now, attempts=0,
+                    message_id="-", created_at=now,
+                ))
+        except IntegrityError:
+            pass
+        async with self.engine.connect() as conn:
+            return utc(await conn.scalar(select(digests.c.data_cutoff).where(digests.c.period_key == BASELINE)))
+
+    async def catch_up(self) -> str | None:
+        """Send the latest due scheduled period if it is not sent yet; retry failed ones."""
+        since = await self.baseline()
+        fire = latest_fire_time(self.protocol.digest.cron, self.protocol.digest.timezone, self.clock(),
+                                not_before=since)
+        result = None
+        if fire is not None:
+            result = await self.send(f"scheduled:{fire.isoformat()}", fire)
+        await self.retry_unsent()
+        return result
+
+    async def retry_unsent(self) -> None:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(digests.c.period_key, digests.c.data_cutoff).where(
+                digests.c.status == "sending", digests.c.claimed_until <= self.clock()))).all()
+        for row in rows:
+            try:
+                await self.send(row.period_key, utc(row.data_cutoff))
+            except Exception:
+                continue

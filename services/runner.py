@@ -1,0 +1,229 @@
+"""Running the services: all in one process (``trialwatch up``) or one each.
+
+Embedded defaults (CONTRACT.md section 1) stand in for whatever URL is not set: SQLite under the
+data dir, a ``nats-server`` child process, and an SMTP capture writing ``<data dir>/mail/*.eml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import uvicorn
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.ingest.app import create_app as create_ingest_app
+from services.notify.app import NotifyService
+from services.notify.capture import MailCapture
+from services.safety.app import SafetyService, make_broker
+from services.safety.handlers import SafetyMonitor
+from shared.bus import BusNames, OutboxRelay, check_nats, ensure_stream
+from shared.embedded_nats import EmbeddedNats
+from shared.events import PATIENT_ENROLLED, StoredEvent
+from shared.protocol import load_protocol
+from shared.settings import Settings
+from shared.store import eventstore
+from shared.store.engine import make_engine, migrate_async
+from shared.store.tables import dead_letters, due_checks, events, patient_projection, stopping_rule_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Endpoints:
+    database_url: str
+    nats_url: str
+    smtp_url: str
+
+
+@contextlib.asynccontextmanager
+async def embedded(settings: Settings) -> AsyncIterator[Endpoints]:
+    """Start what has no URL set; stop it again on the way out."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    nats: EmbeddedNats | None = None
+    capture: MailCapture | None = None
+    try:
+        if settings.nats_url:
+            nats_url = settings.nats_url
+        else:
+            nats = EmbeddedNats(settings.data_dir / "nats").start()
+            nats_url = nats.url
+            log.info("embedded NATS with JetStream at %s", nats_url)
+        if settings.smtp_url:
+            smtp_url = settings.smtp_url
+        else:
+            capture = MailCapture(settings.data_dir, host="127.0.0.1", port=0)
+            await capture.start()
+            smtp_url = f"smtp://127.0.0.1:{capture.port}"
+            log.info("SMTP capture at %s, mails under %s", smtp_url, settings.data_dir / "mail")
+        yield Endpoints(settings.resolved_database_url, nats_url, smtp_url)
+    finally:
+        if capture is not None:
+            await capture.stop()
+        if nats is not None:
+            nats.stop()
+
+
+def ingest_app(settings: Settings, engine: AsyncEngine, nats_url: str) -> Any:
+    names = BusNames(settings.stream_name, settings.subject_prefix)
+
+    async def relay() -> None:
+        broker = make_broker(nats_url)
+        await broker.connect()
+        stop = asyncio.Event()
+        try:
+            await OutboxRelay(engine, broker, names).run(stop, interval=settings.relay_interval_s)
+        finally:
+            await broker.stop()
+
+    async def bus_ready() -> None:
+        await check_nats(nats_url)
+
+    return create_ingest_app(settings, engine=engine, readiness_checks={"bus": bus_ready}, lifespan_tasks=[relay])
+
+
+async def serve_http(settings: Settings, app: Any) -> None:
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info")
+    await uvicorn.Server(config).serve()
+
+
+async def run_all(settings: Settings) -> None:
+    async with embedded(settings) as ends:
+        await migrate_async(ends.database_url)
+        engine = make_engine(ends.database_url)
+        await ensure_stream(ends.nats_url, BusNames(settings.stream_name, settings.subject_prefix))
+        safety = SafetyService(settings, nats_url=ends.nats_url, engine=engine).app()
+        notify = NotifyService(settings, nats_url=ends.nats_url, smtp_url=ends.smtp_url, engine=engine).app()
+        async with safety, notify:
+            log.info("TrialWatch is up: API on http://%s:%s", settings.http_host, settings.http_port)
+            await serve_http(settings, ingest_app(settings, engine, ends.nats_url))
+        await engine.dispose()
+
+
+def _require(value: str | None, name: str) -> str:
+    if not value:
+        raise SystemExit(f"{name} is not set; `trialwatch up` starts embedded services instead")
+    return value
+
+
+async def run_ingest(settings: Settings) -> None:
+    await migrate_async(settings.resolved_database_url)
+    nats_url = _require(settings.nats_url, "TRIALWATCH_NATS_URL")
+    await ensure_stream(nats_url, BusNames(settings.stream_name, settings.subject_prefix))
+    engine = make_engine(settings.resolved_database_url)
+    await serve_http(settings, ingest_app(settings, engine, nats_url))
+
+
+async def _run_until_signal(app: Any) -> None:
+    await app.run()
+
+
+async def run_safety(settings: Settings) -> None:
+    await migrate_async(settings.resolved_database_url)
+    service = SafetyService(settings, nats_url=_require(settings.nats_url, "TRIALWATCH_NATS_URL"))
+    await _run_until_signal(service.app())
+
+
+async def run_notify(settings: Settings) -> None:
+    await migrate_async(settings.resolved_database_url)
+    service = NotifyService(
+        settings, nats_url=_require(settings.nats_url, "TRIALWATCH_NATS_URL"),
+        smtp_url=_require(settings.smtp_url, "TRIALWATCH_SMTP_URL"),
+    )
+    await _run_until_signal(service.app())
+
+
+async def replay_projections(settings: Settings) -> int:
+    """Drop the safety read models and fold every patient again from the event store."""
+    await migrate_async(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        async with engine.begin() as conn:
+            for table in (patient_projection, stopping_rule_state, due_checks):
+                await conn.execute(table.delete())
+        monitor = SafetyMonitor(engine, load_protocol(settings.protocol), eventstore.now_utc)
+        async with engine.connect() as conn:
+            subjects = (await conn.execute(
+                select(events.c.subject_id).where(events.c.type == PATIENT_ENROLLED).order_by(events.c.position)
+            )).scalars().all()
+        for subject_id in subjects:
+            await monitor.check(subject_id)
+        await monitor.check(None)
+        return len(subjects)
+    finally:
+        await engine.dispose()
+
+
+async def verify_chain(settings: Settings) -> tuple[int, StoredEvent | None, str]:
+    await migrate_async(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        async with engine.connect() as conn:
+            return await eventstore.verify_chain(conn)
+    finally:
+        await engine.dispose()
+
+
+async def send_digest_now(settings: Settings) -> dict[str, Any]:
+    async with embedded_smtp_only(settings) as smtp_url:
+        await migrate_async(settings.resolved_database_url)
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            service = NotifyService(settings, nats_url=settings.nats_url or "", smtp_url=smtp_url, engine=engine)
+            return await service.digests.send_now(requested_by="cli")
+        finally:
+            await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def embedded_smtp_only(settings: Settings) -> AsyncIterator[str]:
+    if settings.smtp_url:
+        yield settings.smtp_url
+        return
+    capture = MailCapture(settings.data_dir, host="127.0.0.1", port=0)
+    await capture.start()
+    try:
+        yield f"smtp://127.0.0.1:{capture.port}"
+    finally:
+        await capture.stop()
+
+
+async def list_dead_letters(settings: Settings) -> list[dict[str, Any]]:
+    await migrate_async(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(select(dead_letters).order_by(dead_letters.c.id))
+            return [dict(r._mapping) for r in rows]
+    finally:
+        await engine.dispose()
+
+
+async def replay_dead_letter(settings: Settings, dead_letter_id: int) -> None:
+    nats_url = _require(settings.nats_url, "TRIALWATCH_NATS_URL")
+    engine = make_engine(settings.resolved_database_url)
+    broker = make_broker(nats_url)
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id))).first()
+        if row is None:
+            raise SystemExit(f"no dead letter {dead_letter_id}")
+        await broker.connect()
+        stamp = datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        await broker.publish(
+            row.payload.encode(), row.subject, headers={"Nats-Msg-Id": f"replay-{dead_letter_id}-{stamp}"},
+            stream=settings.stream_name,
+        )
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(dead_letters).where(dead_letters.c.id == dead_letter_id).values(replayed_at=eventstore.now_utc())
+            )
+    finally:
+        await broker.stop()
+        await engine.dispose()
