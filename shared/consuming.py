@@ -19,8 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from faststream.nats import NatsMessage
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.events import StoredEvent
@@ -53,19 +52,24 @@ async def record_dead_letter(
     engine: AsyncEngine, consumer: str, *, subject: str, payload: str, error: str, deliveries: int
 ) -> None:
     try:
-        event_id = str(json.loads(payload).get("event_id")) or None
+        value = json.loads(payload).get("event_id")
+        event_id = str(value) if value else None
     except (ValueError, AttributeError):
         event_id = None
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(
-                insert(dead_letters).values(
-                    consumer=consumer, event_id=event_id, subject=subject, payload=payload,
-                    error=error[:4000], deliveries=deliveries, created_at=now_utc(),
-                )
-            )
-    except IntegrityError:  # already dead-lettered once (a replay that failed again): keep the first
-        log.warning("%s: event %s failed again after a replay", consumer, event_id)
+    now = now_utc()
+    async with engine.begin() as conn:
+        existing = await conn.scalar(select(dead_letters.c.id).where(
+            dead_letters.c.consumer == consumer, dead_letters.c.event_id == event_id))
+        if existing is None:
+            await conn.execute(insert(dead_letters).values(
+                consumer=consumer, event_id=event_id, subject=subject, payload=payload,
+                error=error[:4000], deliveries=deliveries, created_at=now,
+            ))
+        else:  # a replay failed again: show it as waiting once more, with the new error
+            log.warning("%s: event %s failed again after a replay", consumer, event_id)
+            await conn.execute(update(dead_letters).where(dead_letters.c.id == existing).values(
+                error=error[:4000], deliveries=deliveries, created_at=now, replayed_at=None,
+            ))
 
 
 class Subscription:

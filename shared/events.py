@@ -285,6 +285,10 @@ ALERT_WITHDRAWN = "safety_alert_withdrawn"
 ALERT_ACKNOWLEDGED = "alert_acknowledged"
 ALERT_TYPES = frozenset([ALERT_RAISED, STOPPING_BOUNDARY_CROSSED, ALERT_WITHDRAWN, ALERT_ACKNOWLEDGED])
 
+# A request for the DSMB summary now (POST /v1/digests), consumed by the notifier.
+DIGEST_REQUESTED = "digest_requested"
+DIGEST_STREAM = "digests"
+
 Severity = Literal["urgent", "high", "info"]
 Audience = Literal["investigators", "investigators_and_dsmb"]
 

@@ -18,6 +18,8 @@ from shared.alert_log import AlertView, fold_alerts
 from shared.clinical.grading import GradeConflict, derive_data
 from shared.events import (
     ALERT_ACKNOWLEDGED,
+    DIGEST_REQUESTED,
+    DIGEST_STREAM,
     PATIENT_ENROLLED,
     AlertAcknowledged,
     Correction,
@@ -41,8 +43,6 @@ from services.ingest.domain.errors import (
     VersionMismatch,
 )
 
-DIGEST_REQUESTED = "digest_requested"
-DIGEST_STREAM = "digests"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,13 @@ from services.notify.digests import DigestService
 from services.notify.mailer import Mailer, SmtpMailer
 from shared.bus import BusNames, ensure_stream
 from shared.consuming import Subscription, process_once
-from shared.events import ALERT_RAISED, ALERT_WITHDRAWN, STOPPING_BOUNDARY_CROSSED, StoredEvent
+from shared.events import (
+    ALERT_RAISED,
+    ALERT_WITHDRAWN,
+    DIGEST_REQUESTED,
+    STOPPING_BOUNDARY_CROSSED,
+    StoredEvent,
+)
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store.engine import make_engine
@@ -29,7 +35,6 @@ from shared.store.eventstore import now_utc
 log = logging.getLogger(__name__)
 
 MAILED = {ALERT_RAISED, STOPPING_BOUNDARY_CROSSED, ALERT_WITHDRAWN}
-DIGEST_REQUESTED = "digest_requested"
 
 
 class NotifyService:
