@@ -62,7 +62,7 @@ class NotifyService:
         self.dsmb = settings.dsmb_emails or self.protocol.recipients.dsmb
         self.sender = DeliverySender(
             self.engine, self.mailer, mail_from=settings.mail_from, api_base_url=settings.api_base_url,
-            trial_title=self.protocol.trial.title,
+            trial_title=self.protocol.trial.title, timezone=self.protocol.trial.timezone,
         )
         self.digests = DigestService(
             self.engine, self.mailer, self.protocol, recipients=self.dsmb, mail_from=settings.mail_from,

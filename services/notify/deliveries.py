@@ -176,11 +176,13 @@ class DeliverySender:
         mail_from: str,
         api_base_url: str,
         trial_title: str,
+        timezone: str | None = None,
         lease: timedelta = timedelta(seconds=120),
         batch: int = 50,
     ) -> None:
         self._engine, self._mailer = engine, mailer
         self._mail_from, self._api_base_url, self._trial_title = mail_from, api_base_url, trial_title
+        self._timezone = timezone
         self._lease, self._batch = lease, batch
         self._wake = asyncio.Event()
 
@@ -291,7 +293,7 @@ class DeliverySender:
             raise _Deferred(max([now + timedelta(seconds=1)] + [utc(r.next_attempt_at) for r in earlier]))
         mail = render_alert(
             event.type, event.data, recorded_at=event.recorded_at,
-            api_base_url=self._api_base_url, trial_title=self._trial_title,
+            api_base_url=self._api_base_url, trial_title=self._trial_title, timezone=self._timezone,
         )
         return compose(
             mail, mail_from=self._mail_from, to=claim.recipient, message_id=claim.message_id, date=now,

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
@@ -64,12 +65,15 @@ def render_alert(
     recorded_at: datetime,
     api_base_url: str,
     trial_title: str,
+    timezone: str | None = None,
 ) -> RenderedMail:
     """Render a raised alert (``safety_alert_raised``, ``stopping_boundary_crossed``) or a
-    withdrawn notice (``safety_alert_withdrawn``). ``recorded_at``: when the alert event was stored."""
+    withdrawn notice (``safety_alert_withdrawn``). ``recorded_at``: when the alert event was stored;
+    times are shown in ``timezone`` (the trial's) when given."""
     if event_type not in (ALERT_RAISED, STOPPING_BOUNDARY_CROSSED, ALERT_WITHDRAWN):
         raise ValueError(f"no alert mail for event type {event_type!r}")
-    view = _view(event_type, data, recorded_at=recorded_at, api_base_url=api_base_url, trial_title=trial_title)
+    view = _view(event_type, data, recorded_at=recorded_at, api_base_url=api_base_url, trial_title=trial_title,
+                 zone=ZoneInfo(timezone) if timezone else None)
     env = environment()
     return RenderedMail(
         subject=view["subject"],
@@ -111,7 +115,8 @@ def compose(
 
 
 def _view(
-    event_type: str, data: dict[str, Any], *, recorded_at: datetime, api_base_url: str, trial_title: str
+    event_type: str, data: dict[str, Any], *, recorded_at: datetime, api_base_url: str, trial_title: str,
+    zone: ZoneInfo | None = None,
 ) -> dict[str, Any]:
     withdrawn = event_type == ALERT_WITHDRAWN
     stopping = event_type == STOPPING_BOUNDARY_CROSSED or data.get("kind") == STOPPING_KIND
@@ -120,7 +125,8 @@ def _view(
     severity = str(data.get("severity") or "info")
     label = "WITHDRAWN" if withdrawn else severity.upper()
     base = api_base_url.rstrip("/")
-    facts = {k: v for k, v in (data.get("facts") or {}).items() if not _IDENTIFYING.search(str(k))}
+    facts = {k: v for k, v in (data.get("facts") or {}).items()
+             if not _IDENTIFYING.search(str(k)) and v not in (None, "", [], {})}
     boundary = _boundary(facts) if stopping else None
     if boundary:
         facts = {k: v for k, v in facts.items() if k not in _BOUNDARY_KEYS}
@@ -139,9 +145,9 @@ def _view(
         "kind": str(data.get("kind") or ""),
         "subject_id": subject_id,
         "site_id": data.get("site_id"),
-        "occurred_at": _iso(data.get("cause_occurred_at")),
-        "cause_recorded_at": _iso(data.get("cause_recorded_at")),
-        "event_recorded_at": _iso(recorded_at),
+        "occurred_at": _iso(data.get("cause_occurred_at"), zone),
+        "cause_recorded_at": _iso(data.get("cause_recorded_at"), zone),
+        "event_recorded_at": _iso(recorded_at, zone),
         "facts": [(str(k).replace("_", " "), _value(v)) for k, v in facts.items()],
         "boundary": boundary,
         "link": f"{base}/v1/stopping-rules" if stopping or not subject_id else
@@ -171,8 +177,8 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _iso(value: object) -> str | None:
-    """ISO 8601 with its offset, to the second; the clinical offset is kept as entered."""
+def _iso(value: object, zone: ZoneInfo | None = None) -> str | None:
+    """ISO 8601 with its offset, to the second, in the trial's zone when given."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -183,6 +189,8 @@ def _iso(value: object) -> str | None:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
+        if zone is not None:
+            value = value.astimezone(zone)
         return value.isoformat(timespec="seconds")
     return str(value)
 
