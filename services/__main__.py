@@ -1,0 +1,5 @@
+"""``python -m services`` is the ``trialwatch`` command."""
+
+from services.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""The contract's command line, run as a newcomer would: `trialwatch up` and the operator tools."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.embedded_nats import free_port
+from tests.support.clinical import at, crs, enrolment, subject_id
+
+pytestmark = pytest.mark.e2e
+TRIALWATCH = [sys.executable, "-m", "services"]
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TRIALWATCH, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALWATCH_")}
+    env.update(TRIALWATCH_DATA_DIR=str(tmp_path / "var"), TRIALWATCH_HTTP_PORT=str(free_port()))
+    return env
+
+
+@pytest.fixture
+def running_up(cli_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115
+    process = subprocess.Popen([*TRIALWATCH, "up"], env=cli_env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, (tmp_path / "up.log").read_text()
+            time.sleep(0.2)
+        else:
+            raise AssertionError("trialwatch up did not become ready:\n" + (tmp_path / "up.log").read_text())
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log.close()
+
+
+def test_up_runs_the_whole_system_and_an_urgent_event_lands_as_an_eml(
+    cli_env: dict[str, str], running_up: subprocess.Popen[str]
+) -> None:
+    base = f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}"
+
+    # An operator creates a token for a site nurse: printed alone on the last line.
+    created = run(cli_env, "token", "create", "--user", "nurse", "--role", "site_staff", "--site", "S01")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    headers = {"Authorization": f"Bearer {token}"}
+
+    # The nurse enrols a patient and records grade 3 CRS.
+    subject = subject_id()
+    assert httpx.post(f"{base}/v1/patients", json=enrolment(subject), headers=headers).status_code == 201
+    assert httpx.post(f"{base}/v1/patients/{subject}/events", json=crs(at(2), 3), headers=headers).status_code == 201
+
+    # The SMTP capture stores the investigators' mail under <data dir>/mail/.
+    mail_dir = Path(cli_env["TRIALWATCH_DATA_DIR"]) / "mail"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not list(mail_dir.glob("*.eml")):
+        time.sleep(0.2)
+    [eml] = list(mail_dir.glob("*.eml"))
+    message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert subject in str(message["Subject"]) and "URGENT" in str(message["Subject"])
+
+    # Ctrl-C stops everything, the embedded nats-server included.
+    running_up.send_signal(signal.SIGINT)
+    assert running_up.wait(timeout=20) == 0 or running_up.returncode in (0, 130)
+
+
+def test_verify_names_the_first_tampered_event_and_replay_rebuilds(cli_env: dict[str, str]) -> None:
+    assert run(cli_env, "token", "create", "--user", "admin", "--role", "admin").returncode == 0
+    # Put two events in the store without the bus: the API app in-process is enough here.
+    store = Path(cli_env["TRIALWATCH_DATA_DIR"]) / "trialwatch.db"
+    code = (
+        "import asyncio, httpx\n"
+        "from services.ingest.app import create_app\n"
+        "from services.ingest.auth import create_token\n"
+        "from shared.settings import Settings\n"
+        "from tests.support.clinical import enrolment, crs, at\n"
+        "async def main():\n"
+        "    app = create_app(Settings())\n"
+        "    async with app.state.engine.begin() as conn:\n"
+        "        token = await create_token(conn, user='n', role='admin', site_id=None)\n"
+        "    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url='http://t',\n"
+        "                                 headers={'Authorization': 'Bearer ' + token}) as c:\n"
+        "        assert (await c.post('/v1/patients', json=enrolment('S01-v1'))).status_code == 201\n"
+        "        assert (await c.post('/v1/patients/S01-v1/events', json=crs(at(2), 2))).status_code == 201\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+    verified = run(cli_env, "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert "intact" in verified.stdout
+
+    replayed = run(cli_env, "replay")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "1 patients" in replayed.stdout
+
+    # Someone edits a stored event behind the store's back.
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE events SET data = '{\"grade\": 1}' WHERE type = 'crs'")
+        event_id = db.execute("SELECT event_id FROM events WHERE type = 'crs'").fetchone()[0]
+    broken = run(cli_env, "verify")
+    assert broken.returncode == 1
+    assert event_id in broken.stderr
+
+
+def test_a_bad_protocol_file_is_refused_at_start_with_every_problem_named(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bundled = Path(__file__).resolve().parents[2] / "shared" / "protocols" / "blinatumomab_dli.toml"
+    text = bundled.read_text().replace('timezone = "Asia/Shanghai"\nmax_age', 'timezone = "Mars/Olympus"\nmax_age')
+    text = text.replace("min_mnc_per_kg = 5.0e7", "min_mnc_per_kg = -1")
+    bad.write_text(text)
+    result = run({**cli_env, "TRIALWATCH_PROTOCOL": str(bad)}, "verify")
+    assert result.returncode == 2
+    assert "trial.timezone" in result.stderr and "dli.min_mnc_per_kg" in result.stderr
