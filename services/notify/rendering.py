@@ -160,7 +160,7 @@ def _subject(label: str, subject_id: str | None, title: str, *, stopping: bool) 
     if subject_id:
         return f"{PREFIX} {label} {_one_line(subject_id)}: {title}"
     if stopping:
-        return f"{PREFIX} {label} stopping rule crossed: {title}"
+        return f"{PREFIX} {label} stopping rule crossed: {title.removeprefix('Stopping boundary crossed: ')}"
     return f"{PREFIX} {label} {title}"
 
 

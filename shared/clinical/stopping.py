@@ -144,7 +144,10 @@ def crossing_alert(protocol: Protocol, status: RuleStatus) -> AlertRaised:
             "evaluable": status.evaluable,
             "events_at_crossing": status.events_at_crossing,
             "evaluable_at_crossing": status.crossed_at_look,
-            "stop_at": status.boundary.stop_at(status.crossed_at_look or 0),
+            # The boundary at ``evaluable`` (as GET /v1/stopping-rules reports it), so the mail's
+            # "events / evaluable; stops at stop_at at this look" is one look's numbers.
+            "stop_at": status.stop_at,
+            "stop_at_crossing": status.boundary.stop_at(status.crossed_at_look or 0),
             "method": rule.method,
             "p0": rule.p0,
             "p1": rule.p1,

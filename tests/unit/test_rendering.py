@@ -172,3 +172,14 @@ def test_compose_builds_a_text_and_html_message_with_our_message_id() -> None:
     assert message["Importance"] == "high"
     assert message.get_body(("plain",)).get_content() == mail.text
     assert message.get_body(("html",)).get_content().strip() == mail.html.strip()
+
+
+def test_stopping_rule_subject_says_crossed_once_for_the_safety_services_titles() -> None:
+    from shared.clinical.stopping import crossing_alert, evaluate_rule
+    from shared.protocol import load_protocol
+
+    protocol = load_protocol()
+    status = evaluate_rule(protocol.stopping_rules[0], [])
+    data = crossing_alert(protocol, status).model_dump(mode="json")
+    mail = render(STOPPING_BOUNDARY_CROSSED, data)
+    assert mail.subject == f"[TrialWatch] URGENT stopping rule crossed: {protocol.stopping_rules[0].title}"
