@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from faststream.nats import NatsMessage
+from faststream import AckPolicy
+from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from shared.bus import BusNames
 from shared.events import StoredEvent
 from shared.store.eventstore import now_utc
 from shared.store.tables import dead_letters, processed_messages
@@ -51,14 +55,13 @@ async def process_once(engine: AsyncEngine, consumer: str, event: StoredEvent, w
 async def record_dead_letter(
     engine: AsyncEngine, consumer: str, *, subject: str, payload: str, error: str, deliveries: int
 ) -> None:
-    try:
-        value = json.loads(payload).get("event_id")
-        event_id = str(value) if value else None
-    except (ValueError, AttributeError):
+    try:  # only a real event id names the message; anything else is unnamed garbage
+        event_id: str | None = str(uuid.UUID(str(json.loads(payload)["event_id"])))
+    except (ValueError, TypeError, KeyError):
         event_id = None
     now = now_utc()
     async with engine.begin() as conn:
-        existing = await conn.scalar(select(dead_letters.c.id).where(
+        existing = None if event_id is None else await conn.scalar(select(dead_letters.c.id).where(
             dead_letters.c.consumer == consumer, dead_letters.c.event_id == event_id))
         if existing is None:
             await conn.execute(insert(dead_letters).values(
@@ -104,3 +107,31 @@ class Subscription:
             await msg.nack(delay=min(2.0 ** delivered, 30.0))
             return
         await msg.ack()
+
+
+def durable_router(names: BusNames, subscription: Subscription, *, durable: str) -> NatsRouter:
+    """One durable pull consumer over every event subject, explicit acks.
+
+    One message at a time (batch_size=1, one worker): a pull subscriber with several workers
+    fetches ahead and lets messages time out into redelivery; the durable "processed" rows make
+    any redelivery harmless anyway.
+    """
+    router = NatsRouter()
+
+    @router.subscriber(
+        names.all_events,
+        stream=JStream(names.stream, declare=False),
+        durable=durable,
+        pull_sub=PullSub(batch_size=1, timeout=1.0),
+        config=ConsumerConfig(
+            durable_name=durable,
+            deliver_policy=DeliverPolicy.ALL,
+            max_deliver=subscription.server_max_deliver,
+            ack_wait=60,
+        ),
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def on_event(body: Any, msg: NatsMessage) -> None:
+        await subscription.handle(body, msg)
+
+    return router

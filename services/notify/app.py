@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +17,7 @@ from services.notify.consumer import DURABLE, build_router
 from services.notify.deliveries import DeliverySender, enqueue, recipients_for_event
 from services.notify.digests import DigestService
 from services.notify.mailer import Mailer, SmtpMailer
+from shared.background import Background
 from shared.bus import BusNames, ensure_stream
 from shared.consuming import Subscription, process_once
 from shared.events import (
@@ -71,8 +71,7 @@ class NotifyService:
         subscription = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
         self.broker.include_router(build_router(self.names, subscription))
         self.scheduler = AsyncIOScheduler(timezone="UTC")
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.background = Background()
 
     async def _queue(self, conn: AsyncConnection, event: StoredEvent) -> None:
         recipients = await recipients_for_event(conn, event, investigators=self.investigators, dsmb=self.dsmb)
@@ -96,24 +95,19 @@ class NotifyService:
         await ensure_stream(self.nats_url, self.names)
 
     async def after_start(self) -> None:
-        self._stop.clear()
-        self._tasks.append(asyncio.create_task(self.sender.run(self._stop)))
+        self.background.start(self.sender.run(self.background.stop))
         digest = self.protocol.digest
         self.scheduler.add_job(self._scheduled_digest, CronTrigger.from_crontab(digest.cron, timezone=digest.timezone),
                                id="digest", replace_existing=True, misfire_grace_time=None, coalesce=True)
         self.scheduler.add_job(self._scheduled_digest, IntervalTrigger(minutes=5), id="digest-retry",
                                replace_existing=True, coalesce=True)
         self.scheduler.start()
-        self._tasks.append(asyncio.create_task(self._scheduled_digest()))
+        self.background.start(self._scheduled_digest())
 
     async def before_stop(self) -> None:
-        self._stop.set()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self.background.close()
 
     def app(self) -> FastStream:
         return FastStream(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -15,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.safety.consumer import DURABLE, build_router
 from services.safety.handlers import SafetyMonitor
 from services.safety.scheduler import DueChecks
+from shared.background import Background
 from shared.bus import BusNames, OutboxRelay, ensure_stream
 from shared.consuming import Subscription, process_once
 from shared.events import PATIENT_ENROLLED, StoredEvent
@@ -54,8 +54,7 @@ class SafetyService:
         self.relay = OutboxRelay(self.engine, self.broker, self.names)
         subscription = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
         self.broker.include_router(build_router(self.names, subscription))
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.background = Background()
 
     async def handle(self, event: StoredEvent) -> None:
         async with self.monitor._lock:
@@ -84,19 +83,14 @@ class SafetyService:
         await ensure_stream(self.nats_url, self.names)
 
     async def after_start(self) -> None:
-        self._stop.clear()
-        self._tasks.append(asyncio.create_task(self.relay.run(self._stop)))
+        self.background.start(self.relay.run(self.background.stop))
         self.due.start()
         await self.sweep()
         await self.due.rebuild()
 
     async def before_stop(self) -> None:
-        self._stop.set()
         self.due.shutdown()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self.background.close()
 
     def app(self) -> FastStream:
         return FastStream(

@@ -1,41 +1,18 @@
-"""JetStream subscriber of the safety service: one durable pull consumer, explicit acks.
+"""JetStream entrypoint of the safety service: its durable consumer over every event subject.
 
-One message at a time (batch_size=1, one worker): a pull subscriber with several workers fetches
-ahead and lets messages time out into redelivery; the durable "processed" rows make any
-redelivery harmless anyway.
+The subscriber itself (pull, one at a time, explicit acks, dead-lettering) is shared:
+shared/consuming.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from faststream import AckPolicy
-from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from faststream.nats import NatsRouter
 
 from shared.bus import BusNames
-from shared.consuming import Subscription
+from shared.consuming import Subscription, durable_router
 
 DURABLE = "safety"
 
 
 def build_router(names: BusNames, subscription: Subscription, *, durable: str = DURABLE) -> NatsRouter:
-    router = NatsRouter()
-
-    @router.subscriber(
-        names.all_events,
-        stream=JStream(names.stream, declare=False),
-        durable=durable,
-        pull_sub=PullSub(batch_size=1, timeout=1.0),
-        config=ConsumerConfig(
-            durable_name=durable,
-            deliver_policy=DeliverPolicy.ALL,
-            max_deliver=subscription.server_max_deliver,
-            ack_wait=60,
-        ),
-        ack_policy=AckPolicy.MANUAL,
-    )
-    async def on_event(body: Any, msg: NatsMessage) -> None:
-        await subscription.handle(body, msg)
-
-    return router
+    return durable_router(names, subscription, durable=durable)
