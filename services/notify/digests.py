@@ -86,7 +86,8 @@ class DigestService:
             for s in evaluate_rules(self.protocol, states)
         ]
         return build_summary(
-            [s.outcome() for s in states], rules, generated_at=self.clock(), data_cutoff=cutoff,
+            [s.outcome() for s in states], rules, generated_at=self.clock().astimezone(self.protocol.tz),
+            data_cutoff=cutoff.astimezone(self.protocol.tz),
             trial_title=self.protocol.trial.title,
         )
 
@@ -96,8 +97,8 @@ class DigestService:
         message_id = f"<digest.{uuid.uuid5(uuid.NAMESPACE_URL, period_key)}@trialwatch>"
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(insert(digests).values(
-                    period_key=period_key, status="sending", data_cutoff=cutoff, claimed_by=self.replica,
+                await conn.execute(insert(digests).values(  # in UTC: SQLite keeps no offset
+                    period_key=period_key, status="sending", data_cutoff=utc(cutoff), claimed_by=self.replica,
                     claimed_until=now + LEASE, attempts=1, message_id=message_id, created_at=now,
                 ))
             return {"period_key": period_key, "data_cutoff": cutoff, "message_id": message_id}

@@ -1,0 +1,88 @@
+"""The DSMB summary on demand, on real parts: HTTP → event store → JetStream → notify → SMTP, and
+``trialwatch digest send`` (``services.runner.send_digest_now``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from email.message import EmailMessage
+from email.utils import getaddresses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from services.notify.capture import MailCapture
+from services.runner import send_digest_now
+from shared.settings import Settings
+from shared.store.tables import digests
+from tests.support.clinical import at, dose, enrolment, subject_id
+from tests.support.system import DSMB, INVESTIGATORS, RunningSystem, eventually
+
+pytestmark = pytest.mark.e2e
+
+
+def summaries(capture: MailCapture) -> list[EmailMessage]:
+    return [m for m in capture.messages() if "DSMB safety summary" in str(m["Subject"])]
+
+
+def addressees(mail: EmailMessage) -> list[str]:
+    return sorted(address for _, address in getaddresses([str(mail["To"])]))
+
+
+def summary_json(mail: EmailMessage) -> dict[str, Any]:
+    [part] = [p for p in mail.iter_attachments() if p.get_filename() == "summary.json"]
+    return json.loads(part.get_content())
+
+
+async def test_an_admin_asks_for_the_summary_and_only_the_dsmb_receives_it(system: RunningSystem) -> None:
+    # Two patients are enrolled and dosed at site S01.
+    async with system.client("site_staff") as client:
+        for subject in (subject_id(), subject_id()):
+            response = await client.post("/v1/patients", json=enrolment(subject, enrolled_at=at(0)))
+            assert response.status_code == 201, response.text
+            response = await client.post(f"/v1/patients/{subject}/events", json=dose(at(1)))
+            assert response.status_code == 201, response.text
+
+        # A site's staff may not trigger it.
+        refused = await client.post("/v1/digests")
+        assert refused.status_code == 403
+        assert refused.headers["content-type"].startswith("application/problem+json")
+
+    # The admin may: accepted at once, sent by the notifier.
+    async with system.client("admin") as client:
+        accepted = await client.post("/v1/digests")
+    assert accepted.status_code == 202, accepted.text
+    [mail] = await eventually(lambda: summaries(system.capture))
+
+    # One mail, to the DSMB only (headers and envelope), with the figures of what was recorded.
+    assert addressees(mail) == sorted(DSMB)
+    assert sorted(a.strip() for a in str(mail["X-Envelope-To"]).split(",")) == sorted(DSMB)
+    assert summary_json(mail)["enrolled"] == {"blinatumomab_dli": 2, "usual_care": 0}
+    async with system.engine.connect() as conn:
+        status = await conn.scalar(select(digests.c.status).where(
+            digests.c.period_key == f"request:{accepted.json()['request_id']}"))
+    assert status == "sent"
+
+    # Nothing else follows (the refused request sent nothing; the request is sent once).
+    await asyncio.sleep(1.0)
+    assert len(summaries(system.capture)) == 1
+
+
+async def test_digest_send_from_the_command_line_sends_one_mail_through_the_given_smtp_url(
+    tmp_path: Path, own_database_url: str, capture: MailCapture
+) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=own_database_url, smtp_url=capture.url,
+                        dsmb_emails=DSMB, investigator_emails=INVESTIGATORS)
+
+    result = await send_digest_now(settings)
+
+    assert result["status"] == "sent" and result["requested_by"] == "cli"
+    assert result["period_key"].startswith("manual:")
+    [mail] = capture.messages()
+    assert addressees(mail) == sorted(DSMB)
+    assert summary_json(mail)["enrolled"] == {"blinatumomab_dli": 0, "usual_care": 0}
+    # A second run is another period: another mail (no accidental de-duplication across runs).
+    assert (await send_digest_now(settings))["status"] == "sent"
+    assert len(capture.messages()) == 2
