@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -92,8 +92,9 @@ class SafetyMonitor:
         if due is None:
             await conn.execute(delete(due_checks).where(due_checks.c.subject_id == subject_id))
         else:
-            await upsert(conn, due_checks, {"subject_id": subject_id, "check": "next", "due_at": due, "done": False},
-                         ["subject_id", "check"])
+            # In UTC: SQLite keeps no offset, and times are read back as UTC (eventstore.utc).
+            await upsert(conn, due_checks, {"subject_id": subject_id, "check": "next", "due_at": due.astimezone(UTC),
+                                            "done": False}, ["subject_id", "check"])
         return state
 
     async def evaluate_stopping(self, conn: AsyncConnection, *, cause: StoredEvent | None = None) -> None:

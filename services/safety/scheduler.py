@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
@@ -37,8 +37,10 @@ class DueChecks:
             self.scheduler.shutdown(wait=False)
 
     def schedule(self, subject_id: str, due_at: datetime) -> None:
+        # APScheduler waits on the wall clock; ``due_at`` is on ours: hand it the delay, not the moment.
+        delay = max(due_at - self.clock(), timedelta(0))
         self.scheduler.add_job(
-            self._run, trigger=DateTrigger(run_date=max(due_at, self.clock())), args=[subject_id],
+            self._run, trigger=DateTrigger(run_date=datetime.now(UTC) + delay), args=[subject_id],
             id=f"due:{subject_id}", replace_existing=True, misfire_grace_time=None, coalesce=True,
         )
 
