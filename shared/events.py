@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -241,10 +241,7 @@ class Withdrawal(_Body):
 
 
 ObservationBody = Annotated[
-    Union[
-        BlinatumomabDose, Dli, Crs, Icans, Gvhd, Infection, Lab, DiseaseAssessment, Relapse,
-        AssessmentCompleted, Death, FollowUp, Withdrawal,
-    ],
+    BlinatumomabDose | Dli | Crs | Icans | Gvhd | Infection | Lab | DiseaseAssessment | Relapse | AssessmentCompleted | Death | FollowUp | Withdrawal,
     Field(discriminator="type"),
 ]
 
@@ -263,10 +260,7 @@ class Retraction(_Body):
 
 
 ClinicalEventBody = Annotated[
-    Union[
-        BlinatumomabDose, Dli, Crs, Icans, Gvhd, Infection, Lab, DiseaseAssessment, Relapse,
-        AssessmentCompleted, Death, FollowUp, Withdrawal, Correction, Retraction,
-    ],
+    BlinatumomabDose | Dli | Crs | Icans | Gvhd | Infection | Lab | DiseaseAssessment | Relapse | AssessmentCompleted | Death | FollowUp | Withdrawal | Correction | Retraction,
     Field(discriminator="type"),
 ]
 

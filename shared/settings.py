@@ -7,7 +7,6 @@ plain values.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Annotated
 
 from pydantic import field_validator

@@ -14,8 +14,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.events import ClinicalEventBody, Enrolment, StoredEvent
-from shared.store.eventstore import DuplicateEvent
 from services.ingest import auth, handlers, queries
 from services.ingest.auth import Principal
 from services.ingest.dependencies import aware_time, idempotency_key, if_match, permit
@@ -30,6 +28,8 @@ from services.ingest.domain.errors import (
 from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused
 from services.ingest.problems import Known
 from services.ingest.unit_of_work import UnitOfWork
+from shared.events import ClinicalEventBody, Enrolment, StoredEvent
+from shared.store.eventstore import DuplicateEvent
 
 KNOWN_ERRORS = {
     Invalid: Known(422, "validation", "Invalid request"),

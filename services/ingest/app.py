@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.ingest import api, health, problems
+from services.ingest.metrics import Metrics
+from services.ingest.unit_of_work import UnitOfWork
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store.engine import make_engine
 from shared.store.eventstore import now_utc
-from services.ingest import api, health, problems
-from services.ingest.metrics import Metrics
-from services.ingest.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 Task = Callable[[], Awaitable[None]]

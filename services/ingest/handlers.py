@@ -14,6 +14,16 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.ingest.domain.acceptance import amendment_problems, not_ahead, time_problems
+from services.ingest.domain.access import check_site, enrolled_site
+from services.ingest.domain.eligibility import failed_criteria
+from services.ingest.domain.errors import (
+    FieldProblem,
+    Invalid,
+    PatientExists,
+    UnknownAlert,
+    VersionMismatch,
+)
 from shared.alert_log import AlertView, fold_alerts
 from shared.clinical.grading import GradeConflict, derive_data
 from shared.events import (
@@ -32,17 +42,6 @@ from shared.events import (
 from shared.protocol import Protocol
 from shared.store import eventstore
 from shared.store.eventstore import WrongExpectedVersion
-from services.ingest.domain.acceptance import amendment_problems, not_ahead, time_problems
-from services.ingest.domain.access import check_site, enrolled_site
-from services.ingest.domain.eligibility import failed_criteria
-from services.ingest.domain.errors import (
-    FieldProblem,
-    Invalid,
-    PatientExists,
-    UnknownAlert,
-    VersionMismatch,
-)
-
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.ingest.domain.errors import FieldProblem, Invalid
 from shared.store.eventstore import utc
 from shared.store.tables import idempotency_keys
-from services.ingest.domain.errors import FieldProblem, Invalid
 
 LIFETIME = timedelta(hours=24)
 MAX_KEY_LENGTH = 200

@@ -21,8 +21,8 @@ from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 
-from shared import events as schemas
 from services.ingest.domain.errors import FieldProblem, Invalid
+from shared import events as schemas
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://trialwatch.invalid/problems/"

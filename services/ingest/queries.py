@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.ingest.domain.access import check_site, enrolled_site, visible
 from shared.alert_log import AlertView, fold_alerts
 from shared.clinical.patient import fold_patient
 from shared.clinical.stopping import evaluate_rules
@@ -18,7 +19,6 @@ from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, patient_st
 from shared.patients import load_patient_states
 from shared.protocol import Protocol
 from shared.store import eventstore
-from services.ingest.domain.access import check_site, enrolled_site, visible
 
 
 async def _history(conn: AsyncConnection, subject_id: str, site_scope: str | None,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from services.ingest.auth import create_token
 from shared.settings import Settings
 from shared.store.engine import make_engine, migrate_async
-from services.ingest.auth import create_token
 
 
 async def create_token_cli(settings: Settings, user: str, role: str, site: str | None) -> str:

@@ -14,9 +14,10 @@ from faststream.nats import NatsBroker
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.notify.consumer import DURABLE, build_router
-from services.notify.deliveries import DeliverySender, enqueue, recipients_for_event
+from services.notify.deliveries import enqueue, recipients_for_event
 from services.notify.digests import DigestService
 from services.notify.mailer import Mailer, SmtpMailer
+from services.notify.sender import DeliverySender
 from shared.background import Background
 from shared.bus import BusNames, ensure_stream
 from shared.consuming import Subscription, process_once

@@ -8,7 +8,7 @@ Business rules (CONTRACT.md section 4):
   held back until their copy of that alert has gone, so nobody reads "withdrawn" first.
 - ``enqueue`` runs inside the consumer's transaction and ignores rows that already exist (the
   unique (alert_event_id, recipient) constraint), so replays and redeliveries queue nothing new.
-- ``DeliverySender`` claims a due row with a conditional UPDATE (a lease in ``claimed_until``), so
+- ``DeliverySender`` (sender.py) claims a due row with a conditional UPDATE (a lease in ``claimed_until``), so
   two replicas never both send it; it sends outside any transaction, then marks the row sent.
   A failure is recorded and retried with exponential backoff (2, 4, … capped at 300 s), never
   dropped and never given up; past 10 attempts each failure is logged at ERROR for an operator.
@@ -22,26 +22,20 @@ Message-ID drop it, and a reader's client threads it with the first.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from email.message import EmailMessage
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.notify.mailer import Mailer
-from services.notify.rendering import compose, render_alert
 from shared.events import ALERT_RAISED, ALERT_WITHDRAWN, STOPPING_BOUNDARY_CROSSED, StoredEvent, alert_stream
-from shared.store.eventstore import get_event, now_utc, utc
+from shared.store.eventstore import now_utc, utc
 from shared.store.tables import deliveries, events
 
 log = logging.getLogger(__name__)
@@ -145,202 +139,3 @@ async def _insert_if_new(conn: AsyncConnection, row: dict[str, Any]) -> int:
         return 1
     except IntegrityError:
         return 0
-
-
-# --------------------------------------------------------------------------- sending
-
-
-@dataclass(frozen=True)
-class _Claim:
-    id: int
-    alert_event_id: str
-    recipient: str
-    message_id: str
-    attempts: int
-    lease_until: datetime
-
-
-class _Deferred(Exception):
-    def __init__(self, until: datetime) -> None:
-        self.until = until
-
-
-class DeliverySender:
-    """Sends due deliveries; safe to run in several replicas at once (see the module docstring)."""
-
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        mailer: Mailer,
-        *,
-        mail_from: str,
-        api_base_url: str,
-        trial_title: str,
-        timezone: str | None = None,
-        lease: timedelta = timedelta(seconds=120),
-        batch: int = 50,
-    ) -> None:
-        self._engine, self._mailer = engine, mailer
-        self._mail_from, self._api_base_url, self._trial_title = mail_from, api_base_url, trial_title
-        self._timezone = timezone
-        self._lease, self._batch = lease, batch
-        self._wake = asyncio.Event()
-
-    def poke(self) -> None:
-        """Wake ``run`` now (e.g. right after the consumer queued something)."""
-        self._wake.set()
-
-    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        """Send due mail every ``interval`` seconds, or at once when poked, until ``stop`` is set."""
-        watcher = asyncio.create_task(self._wake_on(stop))
-        try:
-            while not stop.is_set():
-                busy = False
-                try:
-                    due, _ = await self._send_batch(None)
-                    busy = due >= self._batch
-                except Exception:  # the store is down: say so and try again next round
-                    log.exception("sending due alert mail failed; retrying in %.1f s", interval)
-                if busy or stop.is_set():
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(interval):
-                        await self._wake.wait()
-                self._wake.clear()
-        finally:
-            watcher.cancel()
-
-    async def _wake_on(self, stop: asyncio.Event) -> None:
-        await stop.wait()
-        self._wake.set()
-
-    async def send_due(self, *, now: datetime | None = None) -> int:
-        """Send what is due at ``now`` (default: the clock); returns how many were sent."""
-        _, sent = await self._send_batch(now)
-        return sent
-
-    async def _send_batch(self, now: datetime | None) -> tuple[int, int]:
-        """One batch: (rows found due, messages sent)."""
-        fixed = utc(now) if now is not None else None
-
-        def clock() -> datetime:
-            return fixed or now_utc()
-
-        due, sent = await self._due(clock()), 0
-        for row in due:
-            claim = await self._claim(row, clock())
-            if claim is not None and await self._deliver(claim, clock):
-                sent += 1
-        return len(due), sent
-
-    async def _due(self, now: datetime) -> list[Any]:
-        query = (
-            select(deliveries.c.id, deliveries.c.status, deliveries.c.claimed_until)
-            .where(
-                or_(
-                    and_(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now),
-                    and_(deliveries.c.status == "sending", deliveries.c.claimed_until <= now),
-                )
-            )
-            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
-            .limit(self._batch)
-        )
-        async with self._engine.connect() as conn:
-            return list((await conn.execute(query)).all())
-
-    async def _claim(self, row: Any, now: datetime) -> _Claim | None:
-        """Take the row only if it is still due as we read it: one replica wins, the other gets
-        no row (PostgreSQL re-checks the WHERE after the winner commits; SQLite serialises)."""
-        lease_until = now + self._lease
-        if row.status == "pending":
-            still_due = and_(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now)
-        else:
-            still_due = and_(deliveries.c.status == "sending", deliveries.c.claimed_until == row.claimed_until)
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == row.id, still_due)
-                .values(status="sending", claimed_until=lease_until)
-                .returning(deliveries.c.alert_event_id, deliveries.c.recipient, deliveries.c.message_id,
-                           deliveries.c.attempts)
-            )
-            taken = result.first()
-        if taken is None:
-            return None
-        return _Claim(row.id, taken.alert_event_id, taken.recipient, taken.message_id, taken.attempts, lease_until)
-
-    async def _deliver(self, claim: _Claim, clock: Callable[[], datetime]) -> bool:
-        try:
-            message = await self._message(claim, clock())
-            async with asyncio.timeout(self._lease.total_seconds() / 2):
-                await self._mailer.send(message)
-        except _Deferred as deferred:
-            await self._release(claim, next_attempt_at=deferred.until)
-            return False
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
-            await self._failed(claim, exc, clock())
-            return False
-        await self._settle(claim, status="sent", sent_at=clock())
-        return True
-
-    async def _message(self, claim: _Claim, now: datetime) -> EmailMessage:
-        async with self._engine.connect() as conn:
-            event = await get_event(conn, claim.alert_event_id)
-            if event is None:
-                raise LookupError(f"alert event {claim.alert_event_id} is not in the event store")
-            earlier = await self._earlier_copies(conn, event, claim.recipient) if event.type == ALERT_WITHDRAWN else []
-        if any(r.status != "sent" for r in earlier):
-            raise _Deferred(max([now + timedelta(seconds=1)] + [utc(r.next_attempt_at) for r in earlier]))
-        mail = render_alert(
-            event.type, event.data, recorded_at=event.recorded_at,
-            api_base_url=self._api_base_url, trial_title=self._trial_title, timezone=self._timezone,
-        )
-        return compose(
-            mail, mail_from=self._mail_from, to=claim.recipient, message_id=claim.message_id, date=now,
-            severity=None if event.type == ALERT_WITHDRAWN else event.data.get("severity"),
-            in_reply_to=[r.message_id for r in earlier],
-        )
-
-    async def _earlier_copies(self, conn: AsyncConnection, event: StoredEvent, recipient: str) -> list[Any]:
-        """This recipient's deliveries of the raises a withdrawal refers to."""
-        raised = select(events.c.event_id).where(
-            events.c.stream_id == event.stream_id,
-            events.c.type.in_(RAISE_TYPES),
-            events.c.position < event.position,
-        )
-        rows = await conn.execute(
-            select(deliveries.c.message_id, deliveries.c.status, deliveries.c.next_attempt_at)
-            .where(deliveries.c.alert_event_id.in_(raised), deliveries.c.recipient == recipient)
-            .order_by(deliveries.c.id)
-        )
-        return list(rows.all())
-
-    async def _failed(self, claim: _Claim, exc: Exception, now: datetime) -> None:
-        attempts = claim.attempts + 1
-        delay = min(2 ** min(attempts, 16), MAX_BACKOFF_S)
-        level = logging.ERROR if attempts >= LOUD_AFTER_ATTEMPTS else logging.WARNING
-        log.log(level, "alert mail %s to %s failed (attempt %d, next in %d s): %s",
-                claim.message_id, claim.recipient, attempts, delay, exc)
-        await self._settle(
-            claim, status="pending", attempts=attempts, next_attempt_at=now + timedelta(seconds=delay),
-            last_error=f"{type(exc).__name__}: {exc}"[:2000],
-        )
-
-    async def _release(self, claim: _Claim, *, next_attempt_at: datetime) -> None:
-        await self._settle(claim, status="pending", next_attempt_at=next_attempt_at)
-
-    async def _settle(self, claim: _Claim, **values: Any) -> None:
-        """End our claim, unless the lease ran out and another sender holds the row now."""
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(deliveries)
-                .where(
-                    deliveries.c.id == claim.id,
-                    deliveries.c.status == "sending",
-                    deliveries.c.claimed_until == claim.lease_until,
-                )
-                .values(claimed_until=None, **values)
-            )
-        if result.rowcount == 0:
-            log.warning("delivery %s to %s: lease lost before it was settled as %s",
-                        claim.message_id, claim.recipient, values.get("status"))

@@ -2,7 +2,7 @@
 
 The port knows nothing about alerts or deliveries: it takes a finished ``EmailMessage`` (recipients
 in its headers) and either hands it to a mail server or raises ``MailerUnavailable``. Retrying is
-the caller's business (``deliveries.DeliverySender``), so the adapter never retries by itself.
+the caller's business (``sender.DeliverySender``), so the adapter never retries by itself.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.safety.domain.reconcile import plan
 from shared.alert_log import AlertView, fold_alerts
 from shared.clinical.patient import PatientState, fold_patient
-from shared.patients import PATIENT_TYPES, load_patient_states
 from shared.clinical.stopping import crossing_alert, evaluate_rules
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, patient_stream
+from shared.patients import PATIENT_TYPES, load_patient_states
 from shared.protocol import Protocol
 from shared.store import eventstore
 from shared.store.tables import due_checks, patient_projection, stopping_rule_state

@@ -30,7 +30,13 @@ from shared.clinical.deviations import Deviation
 from shared.clinical.endpoints import counts_toward
 from shared.clinical.history import Fact
 from shared.clinical.wording import (
-    ROMAN, crs_basis, deviation_title, gvhd_basis, lab_basis, lab_term, window_label,
+    ROMAN,
+    crs_basis,
+    deviation_title,
+    gvhd_basis,
+    lab_basis,
+    lab_term,
+    window_label,
 )
 from shared.events import AlertRaised, alert_id_for
 

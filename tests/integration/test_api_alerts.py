@@ -10,16 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.events import ALERT_WITHDRAWN, NewEvent, alert_stream
 from shared.store import eventstore
-from tests.integration.test_api import (  # noqa: F401 - fixtures
-    bearer,
-    client,
-    enrol,
-    paths,
-    raise_alert,
-    settings,
-    subject,
-    tokens,
-)
+from tests.support.api import bearer, enrol, paths, raise_alert, subject
 
 
 async def _alerts(client: httpx.AsyncClient, token: str, **params: str) -> list[dict[str, object]]:

@@ -12,16 +12,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.store import eventstore
-from tests.integration.test_api import (  # noqa: F401 - fixtures
-    bearer,
-    client,
-    enrol,
-    enrolment,
-    paths,
-    post_event,
-    settings,
-    tokens,
-)
+from tests.support.api import bearer, enrol, enrolment, paths, post_event
 
 AT = "2025-12-01T10:00:00+08:00"
 

@@ -8,18 +8,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.store import eventstore
-from tests.integration.test_api import (  # noqa: F401 - fixtures
-    bearer,
-    client,
-    enrol,
-    enrolment,
-    paths,
-    post_event,
-    raise_alert,
-    settings,
-    subject,
-    tokens,
-)
+from tests.support.api import bearer, enrol, enrolment, paths, post_event, raise_alert, subject
 
 CLEAN = enrolment()["eligibility"]
 

@@ -8,12 +8,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from shared.settings import Settings
-from shared.store.engine import make_engine
-from shared.store.tables import api_tokens
 from services.ingest.app import create_app
 from services.ingest.auth import token_hash
 from services.ingest.tokens_cmd import create_token_cli
+from shared.settings import Settings
+from shared.store.engine import make_engine
+from shared.store.tables import api_tokens
 
 
 async def test_a_token_on_a_fresh_machine_migrates_first_and_then_works(tmp_path: Path, protocol: object) -> None:

@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.notify.capture import MailCapture
 from services.notify.deliveries import (
-    DeliverySender,
     enqueue,
     message_id_for,
     recipients_for,
@@ -25,6 +24,7 @@ from services.notify.deliveries import (
     recipients_of_alert,
 )
 from services.notify.mailer import Mailer, MailerUnavailable, RecordingMailer, SmtpMailer
+from services.notify.sender import DeliverySender
 from shared.events import (
     ALERT_RAISED,
     ALERT_WITHDRAWN,

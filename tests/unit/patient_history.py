@@ -7,7 +7,7 @@ increase with every event recorded.
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -37,7 +37,7 @@ class History:
         self.subject_id = f"S-{uuid.uuid4().hex[:8]}"
         self.cohort = cohort
         self.events: list[StoredEvent] = []
-        self._recorded = datetime(2025, 1, 1, tzinfo=timezone.utc)
+        self._recorded = datetime(2025, 1, 1, tzinfo=UTC)
         self.enrolment = self.record("patient_enrolled", at(enrolled, 8), {
             "subject_id": self.subject_id, "site_id": "S01", "arm": arm, "age_years": 34,
             "weight_kg": weight_kg, "cohort": cohort, "transplant_date": "2024-06-02",

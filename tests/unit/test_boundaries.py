@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 
 from services.boundaries_cmd import boundaries
 from shared.clinical.boundaries import (
-    Boundary, InvalidDesign, Look, bayes, crossing_probabilities, look_sizes, pocock, pocock_at,
+    Boundary,
+    InvalidDesign,
+    Look,
+    bayes,
+    crossing_probabilities,
+    look_sizes,
+    pocock,
+    pocock_at,
 )
 
 CONTRACT_KEYS = {"method", "params", "looks", "p_stop_p0", "p_stop_p1", "expected_n_p0", "expected_n_p1"}

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from shared.events import ClinicalEventBody, Enrolment, StoredEvent
 from services.ingest.auth import PERMISSIONS, Principal
 from services.ingest.domain.acceptance import amendment_problems, time_problems
 from services.ingest.domain.eligibility import failed_criteria
 from services.ingest.idempotency import body_hash
 from services.ingest.problems import field_problems
+from shared.events import ClinicalEventBody, Enrolment, StoredEvent
 
 NOW = datetime(2025, 12, 1, 12, tzinfo=UTC)
 BODY = TypeAdapter(ClinicalEventBody)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -32,7 +32,7 @@ def treated(days: int = 10) -> History:
 def test_day_1_is_the_trial_zone_day_of_the_first_dose():
     h = History()
     # 2025-03-04 17:30 UTC is 2025-03-05 01:30 in Shanghai: day 1 is the 5th.
-    h.dose(1, 1, datetime(2025, 3, 4, 17, 30, tzinfo=timezone.utc))
+    h.dose(1, 1, datetime(2025, 3, 4, 17, 30, tzinfo=UTC))
     window = h.fold(at(day(2))).public()["windows"]["day14"]
     assert window == {"anchor": "2025-03-05", "start": "2025-03-05", "end": "2025-03-18", "due": "2025-03-21",
                       "overdue_from": DAY14_OVERDUE.isoformat(), "status": "open"}
@@ -41,8 +41,8 @@ def test_day_1_is_the_trial_zone_day_of_the_first_dose():
 def test_day_14_23_59_local_is_in_the_2_week_window_and_day_15_00_00_is_out():
     inside, outside = treated(), treated()
     # Both written in UTC: 15:59 UTC and 16:00 UTC on the same UTC day (day 14).
-    inside.crs(datetime(2025, 3, 18, 15, 59, tzinfo=timezone.utc), 2)
-    outside.crs(datetime(2025, 3, 18, 16, 0, tzinfo=timezone.utc), 2)
+    inside.crs(datetime(2025, 3, 18, 15, 59, tzinfo=UTC), 2)
+    outside.crs(datetime(2025, 3, 18, 16, 0, tzinfo=UTC), 2)
     now = at(day(20))
 
     assert inside.fold(now).endpoint("crs_any_2w") is True

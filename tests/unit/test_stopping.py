@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -30,7 +30,7 @@ NRM_RULE = StoppingRule(
     id="nrm_100d", title="Death not caused by relapse within 100 days of DLI", endpoint="nrm_100d",
     method="pocock", p0=0.10, p1=0.25, n_max=30, cp0=0.10, looks=1, count_dead=True,
 )
-T0 = datetime(2025, 3, 1, 9, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 9, tzinfo=UTC)
 _numbers = itertools.count(1)
 
 

@@ -8,7 +8,7 @@ import json
 import math
 import re
 import warnings
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -20,8 +20,8 @@ from shared.clinical.records import INCIDENCE_NAMES, PatientOutcome
 Z = 1.959963984540054
 BLINA, USUAL = "blinatumomab_dli", "usual_care"
 B0, U0 = date(2023, 1, 2), date(2024, 6, 3)  # survival origins of the two arms
-CUTOFF = datetime(2026, 11, 23, tzinfo=timezone.utc)
-GENERATED = datetime(2026, 11, 23, 8, 0, tzinfo=timezone.utc)
+CUTOFF = datetime(2026, 11, 23, tzinfo=UTC)
+GENERATED = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 
 
 def day(origin: date, n: int | None) -> date | None:
@@ -38,7 +38,7 @@ def patient(sid: str, arm: str, *, last: int, death: int | None = None, relapse:
     return PatientOutcome(
         subject_id=sid, site_id=site, arm=arm,
         cohort="mrd_positive" if sid.endswith(("1", "2", "3")) else "hematologic_relapse",
-        enrolled_at=datetime.combine(origin, datetime.min.time(), timezone.utc),
+        enrolled_at=datetime.combine(origin, datetime.min.time(), UTC),
         origin=origin, last_contact=day(origin, last), death_date=day(origin, death),
         death_cause=cause, relapse_date=day(origin, relapse), courses=1 if arm == BLINA else 0,
         doses=10 if arm == BLINA else 0, dlis=1 if dli is not None else 0, dli_date=day(origin, dli),

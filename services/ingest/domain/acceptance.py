@@ -11,8 +11,8 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 
-from shared.events import OBSERVATION_TYPES, Correction, Retraction, StoredEvent
 from services.ingest.domain.errors import FieldProblem
+from shared.events import OBSERVATION_TYPES, Correction, Retraction, StoredEvent
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 

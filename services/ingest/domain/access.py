@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.events import PATIENT_ENROLLED, StoredEvent
 from services.ingest.domain.errors import OtherSite, UnknownPatient
+from shared.events import PATIENT_ENROLLED, StoredEvent
 
 
 def enrolled_site(subject_id: str, history: Sequence[StoredEvent]) -> str:

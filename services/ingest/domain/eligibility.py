@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shared.events import Enrolment
 from services.ingest.domain.errors import FieldProblem
+from shared.events import Enrolment
 
 # Exclusion criteria: True makes a patient ineligible.
 EXCLUSIONS = {
