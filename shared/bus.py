@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import nats
 from faststream.nats import NatsBroker
@@ -63,7 +64,10 @@ async def ensure_stream(url: str, names: BusNames) -> None:
 
 
 async def check_nats(url: str) -> None:
-    """Readiness: the server answers and JetStream is on."""
+    """Readiness: the server answers and JetStream is on (a refused port fails at once)."""
+    parts = urlsplit(url)
+    _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), 2)
+    writer.close()
     nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
     try:
         await nc.jetstream().account_info()

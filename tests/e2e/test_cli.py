@@ -10,13 +10,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from shared.embedded_nats import free_port
+from shared.embedded_nats import EmbeddedNats, free_port
 from tests.support.clinical import at, crs, enrolment, subject_id
 
 pytestmark = pytest.mark.e2e
@@ -143,3 +144,74 @@ def test_a_bad_protocol_file_is_refused_at_start_with_every_problem_named(
     result = run({**cli_env, "TRIALWATCH_PROTOCOL": str(bad)}, "verify")
     assert result.returncode == 2
     assert "trial.timezone" in result.stderr and "dli.min_mnc_per_kg" in result.stderr
+
+
+def test_the_three_services_run_as_separate_processes_against_shared_urls(
+    cli_env: dict[str, str], tmp_path: Path, database_url: str
+) -> None:
+    """The docker-compose topology without Docker: one process per service, real NATS, the
+    session's database (PostgreSQL in CI's second run) and a real SMTP server."""
+    nats = EmbeddedNats(tmp_path / "nats").start()
+    smtp_port = free_port()
+    mail_dir = tmp_path / "smtp"
+    smtp = subprocess.Popen(
+        [sys.executable, "-c",
+         "import asyncio, sys\n"
+         "from services.notify.capture import MailCapture\n"
+         "async def main():\n"
+         f"    async with MailCapture({str(mail_dir)!r}, port={smtp_port}):\n"
+         "        await asyncio.Event().wait()\n"
+         "asyncio.run(main())\n"],
+        env=cli_env,
+    )
+    env = {**cli_env, "TRIALWATCH_NATS_URL": nats.url, "TRIALWATCH_SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",
+           "TRIALWATCH_DATABASE_URL": database_url, "TRIALWATCH_STREAM_NAME": f"TWP_{uuid.uuid4().hex[:8]}",
+           "TRIALWATCH_SUBJECT_PREFIX": f"twp{uuid.uuid4().hex[:8]}",
+           "TRIALWATCH_INVESTIGATOR_EMAILS": "pi@site.test"}
+    services = [subprocess.Popen([*TRIALWATCH, name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for name in ("ingest", "safety", "notify")]
+    base = f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}"
+    try:
+        _wait_ready(base)
+        token = run(env, "token", "create", "--user", "nurse", "--role", "site_staff", "--site", "S01")
+        headers = {"Authorization": f"Bearer {token.stdout.strip().splitlines()[-1]}"}
+        subject = subject_id()
+        assert httpx.post(f"{base}/v1/patients", json=enrolment(subject), headers=headers).status_code == 201
+        assert httpx.post(f"{base}/v1/patients/{subject}/events", json=crs(at(2), 4),
+                          headers=headers).status_code == 201
+
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not _mails_about(mail_dir / "mail", subject):
+            time.sleep(0.3)
+        [mail] = _mails_about(mail_dir / "mail", subject)
+        assert "pi@site.test" in str(mail["To"]) and "URGENT" in str(mail["Subject"])
+    finally:
+        for process in [*services, smtp]:
+            process.send_signal(signal.SIGINT)
+        for process in [*services, smtp]:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        nats.stop()
+
+
+def _wait_ready(base: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("ingest did not become ready")
+
+
+def _mails_about(folder: Path, subject: str) -> list[email.message.EmailMessage]:
+    found = []
+    for path in sorted(folder.glob("*.eml")):
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        if subject in str(message["Subject"]):
+            found.append(message)
+    return found  # type: ignore[return-value]
