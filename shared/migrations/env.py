@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from shared.store.engine import make_engine
@@ -13,9 +14,14 @@ from shared.store.tables import metadata
 config = context.config
 
 
+MIGRATION_LOCK = 7_420_001  # PostgreSQL advisory lock: services starting together migrate one at a time
+
+
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 
