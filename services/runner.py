@@ -25,12 +25,12 @@ from services.safety.app import SafetyService, make_broker
 from services.safety.handlers import SafetyMonitor
 from shared.bus import BusNames, OutboxRelay, check_nats, ensure_stream
 from shared.embedded_nats import EmbeddedNats
-from shared.events import PATIENT_ENROLLED, StoredEvent
+from shared.events import StoredEvent
 from shared.protocol import load_protocol
 from shared.settings import Settings
 from shared.store import eventstore
 from shared.store.engine import make_engine, migrate_async
-from shared.store.tables import dead_letters, due_checks, events, patient_projection, stopping_rule_state
+from shared.store.tables import dead_letters, due_checks, patient_projection, stopping_rule_state
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +148,7 @@ async def replay_projections(settings: Settings) -> int:
             for table in (patient_projection, stopping_rule_state, due_checks):
                 await conn.execute(table.delete())
         monitor = SafetyMonitor(engine, load_protocol(settings.protocol), eventstore.now_utc)
-        async with engine.connect() as conn:
-            subjects = (await conn.execute(
-                select(events.c.subject_id).where(events.c.type == PATIENT_ENROLLED).order_by(events.c.position)
-            )).scalars().all()
-        for subject_id in subjects:
-            await monitor.check(subject_id)
-        await monitor.check(None)
-        return len(subjects)
+        return await monitor.sweep()
     finally:
         await engine.dispose()
 

@@ -8,7 +8,6 @@ from datetime import datetime
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.safety.consumer import DURABLE, build_router
@@ -17,13 +16,12 @@ from services.safety.scheduler import DueChecks
 from shared.background import Background
 from shared.bus import BusNames, OutboxRelay, ensure_stream
 from shared.consuming import Subscription, process_once
-from shared.events import PATIENT_ENROLLED, StoredEvent
+from shared.events import StoredEvent
 from shared.patients import PATIENT_TYPES
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store.engine import make_engine
 from shared.store.eventstore import now_utc
-from shared.store.tables import events
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +67,9 @@ class SafetyService:
 
     async def sweep(self) -> int:
         """Re-evaluate every patient once (start-up: catches what fell due while down)."""
-        async with self.engine.connect() as conn:
-            subjects = (await conn.execute(
-                select(events.c.subject_id).where(events.c.type == PATIENT_ENROLLED).order_by(events.c.position)
-            )).scalars().all()
-        for subject_id in subjects:
-            await self.monitor.check(subject_id)
-        await self.monitor.check(None)
+        count = await self.monitor.sweep()
         self.relay.poke()
-        return len(subjects)
+        return count
 
     async def before_start(self) -> None:
         await ensure_stream(self.nats_url, self.names)

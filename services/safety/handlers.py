@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.safety.domain.reconcile import plan
@@ -26,7 +26,7 @@ from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, patient_st
 from shared.patients import PATIENT_TYPES, load_patient_states
 from shared.protocol import Protocol
 from shared.store import eventstore
-from shared.store.tables import due_checks, patient_projection, stopping_rule_state
+from shared.store.tables import due_checks, events, patient_projection, stopping_rule_state
 from shared.store.upsert import upsert
 
 STOPPING_KIND = "stopping_boundary_crossed"
@@ -69,6 +69,19 @@ class SafetyMonitor:
             if subject_id is not None:
                 await self.evaluate_subject(conn, subject_id)
             await self.evaluate_stopping(conn)
+
+    async def sweep(self) -> int:
+        """Re-evaluate every enrolled patient, each in its own transaction, then the rules once
+        (start-up and ``trialwatch replay``: catches whatever fell due while nothing ran)."""
+        async with self.engine.connect() as conn:
+            subjects = (await conn.execute(
+                select(events.c.subject_id).where(events.c.type == PATIENT_ENROLLED).order_by(events.c.position)
+            )).scalars().all()
+        for subject_id in subjects:
+            async with self._lock, self.engine.begin() as conn:
+                await self.evaluate_subject(conn, subject_id)
+        await self.check(None)
+        return len(subjects)
 
     async def evaluate_subject(
         self, conn: AsyncConnection, subject_id: str, *, cause: StoredEvent | None = None
