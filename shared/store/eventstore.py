@@ -16,7 +16,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Row, and_, func, insert, select, update
@@ -61,6 +61,7 @@ def _canonical(row: dict[str, Any]) -> bytes:
         "schema_version": row["schema_version"],
         "subject_id": row["subject_id"],
         "occurred_at": utc(row["occurred_at"]).isoformat(),
+        "occurred_offset_s": row["occurred_offset_s"],
         "recorded_at": utc(row["recorded_at"]).isoformat(),
         "recorded_by": row["recorded_by"],
         "data": row["data"],
@@ -84,7 +85,7 @@ def to_stored(row: Row[Any] | dict[str, Any]) -> StoredEvent:
         type=m["type"],
         schema_version=m["schema_version"],
         subject_id=m["subject_id"],
-        occurred_at=utc(m["occurred_at"]),
+        occurred_at=utc(m["occurred_at"]).astimezone(timezone(timedelta(seconds=m["occurred_offset_s"]))),
         recorded_at=utc(m["recorded_at"]),
         recorded_by=m["recorded_by"],
         data=m["data"],
@@ -142,6 +143,7 @@ async def append(
                 "schema_version": event.schema_version,
                 "subject_id": event.subject_id,
                 "occurred_at": event.occurred_at.astimezone(UTC),
+                "occurred_offset_s": int(event.occurred_at.utcoffset().total_seconds()),  # type: ignore[union-attr]
                 "recorded_at": when,
                 "recorded_by": event.recorded_by,
                 "data": event.data,

@@ -74,6 +74,8 @@ events = Table(
     Column("schema_version", Integer, nullable=False),
     Column("subject_id", String(32), nullable=True, index=True),
     Column("occurred_at", Tz, nullable=False),
+    # The offset the clinical time was given in, so it is answered as entered (stored in UTC).
+    Column("occurred_offset_s", Integer, nullable=False),
     Column("recorded_at", Tz, nullable=False, index=True),
     Column("recorded_by", String(100), nullable=False),
     Column("data", JSON, nullable=False),

@@ -64,8 +64,10 @@ async def test_every_event_type_is_accepted_and_stored(
         stored = answer.json()
         assert stored["type"] == kind and stored["subject_id"] == patient and stored["recorded_by"]
         assert "type" not in stored["data"] and "occurred_at" not in stored["data"]
+        assert stored["occurred_at"] == AT  # the clinical time as entered, offset included
     history = (await client.get(f"/v1/patients/{patient}/events", headers=bearer(token))).json()["events"]
     assert {e["type"] for e in history} == set(BODIES) | {"patient_enrolled", "icans"}
+    assert {e["occurred_at"] for e in history if e["type"] != "patient_enrolled"} == {AT}
 
 
 @pytest.mark.parametrize("kind", list(BODIES))

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 13:01:00.318960
+Create Date: 2026-11-26 13:01:00
 """
 from alembic import op
 import sqlalchemy as sa
@@ -89,6 +89,7 @@ def upgrade() -> None:
     sa.Column('schema_version', sa.Integer(), nullable=False),
     sa.Column('subject_id', sa.String(length=32), nullable=True),
     sa.Column('occurred_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('occurred_offset_s', sa.Integer(), nullable=False),
     sa.Column('recorded_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('recorded_by', sa.String(length=100), nullable=False),
     sa.Column('data', sa.JSON(), nullable=False),
