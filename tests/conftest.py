@@ -25,6 +25,22 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+@pytest.fixture
+def own_database_url(tmp_path: Path) -> Iterator[str]:
+    """A database for one test alone: for tests of trial-wide state (stopping rules, the digest
+    baseline), which other tests' patients would disturb."""
+    with fresh_database(tmp_path / "own-db") as url:
+        migrate(url)
+        yield url
+
+
+@pytest.fixture
+async def own_engine(own_database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(own_database_url)
+    yield engine
+    await engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def protocol() -> Protocol:
     return load_protocol()

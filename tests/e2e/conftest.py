@@ -8,8 +8,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.notify.capture import MailCapture
 from shared.embedded_nats import EmbeddedNats
-from shared.store.engine import make_engine, migrate
-from tests.support.services import fresh_database
 from tests.support.system import RunningSystem, nats_url_from_env, session_settings, start_system, stop_system
 
 
@@ -31,21 +29,6 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def capture(tmp_path: Path) -> AsyncIterator[MailCapture]:
     async with MailCapture(tmp_path, host="127.0.0.1", port=0) as mail:
         yield mail
-
-
-@pytest.fixture
-def own_database_url(tmp_path: Path) -> Iterator[str]:
-    """End-to-end tests evaluate trial-wide rules: each gets a database of its own."""
-    with fresh_database(tmp_path) as url:
-        migrate(url)
-        yield url
-
-
-@pytest.fixture
-async def own_engine(own_database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(own_database_url)
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture

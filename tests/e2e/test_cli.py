@@ -41,17 +41,7 @@ def running_up(cli_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.P
     process = subprocess.Popen([*TRIALWATCH, "up"], env=cli_env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, (tmp_path / "up.log").read_text()
-            time.sleep(0.2)
-        else:
-            raise AssertionError("trialwatch up did not become ready:\n" + (tmp_path / "up.log").read_text())
+        _wait_ready(base, process, tmp_path / "up.log")
         yield process
     finally:
         if process.poll() is None:
@@ -196,7 +186,8 @@ def test_the_three_services_run_as_separate_processes_against_shared_urls(
         nats.stop()
 
 
-def _wait_ready(base: str) -> None:
+def _wait_ready(base: str, process: subprocess.Popen[str] | None = None, log: Path | None = None) -> None:
+    """Until /readyz answers 200; fail at once, with its log, if the process died meanwhile."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -204,8 +195,10 @@ def _wait_ready(base: str) -> None:
                 return
         except httpx.HTTPError:
             pass
+        if process is not None and process.poll() is not None:
+            raise AssertionError("the process exited:\n" + (log.read_text() if log else ""))
         time.sleep(0.2)
-    raise AssertionError("ingest did not become ready")
+    raise AssertionError("not ready within 60 s:\n" + (log.read_text() if log and log.exists() else ""))
 
 
 def _mails_about(folder: Path, subject: str) -> list[email.message.EmailMessage]:

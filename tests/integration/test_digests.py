@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import getaddresses
@@ -29,10 +29,8 @@ from services.notify.mailer import Mailer, MailerUnavailable, SmtpMailer
 from shared.clinical.grading import derive_data
 from shared.events import PATIENT_ENROLLED, ClinicalEventBody, Enrolment, NewEvent, patient_stream
 from shared.protocol import Protocol
-from shared.store.engine import make_engine, migrate
 from shared.store.eventstore import append, now_utc
 from shared.store.tables import digests
-from tests.support.services import fresh_database
 
 DSMB = ["dsmb-chair@trial.test", "dsmb-statistician@trial.test"]
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -111,21 +109,6 @@ async def capture(data_dir: Path) -> AsyncIterator[MailCapture]:
 @pytest.fixture
 def smtp(capture: MailCapture) -> SmtpMailer:
     return SmtpMailer.from_url(capture.url, timeout=5)
-
-
-@pytest.fixture
-def own_database_url(tmp_path: Path) -> Iterator[str]:
-    """The ``baseline`` row and trial-wide counts are global to a database: these tests get their own."""
-    with fresh_database(tmp_path / "own") as url:
-        migrate(url)
-        yield url
-
-
-@pytest.fixture
-async def own_engine(own_database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(own_database_url)
-    yield engine
-    await engine.dispose()
 
 
 # --------------------------------------------------------------------------- replicas racing

@@ -28,28 +28,25 @@ def docker_available() -> bool:
         return False
 
 
-async def _create_database(server_url: str, name: str) -> None:
+async def _admin(server_url: str, statement: str) -> None:
+    """Run one statement on the server's maintenance database (CREATE / DROP DATABASE)."""
     url = make_url(server_url)
     conn = await asyncpg.connect(
         host=url.host, port=url.port or 5432, user=url.username or "postgres",
         password=url.password, database=url.database or "postgres",
     )
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def _create_database(server_url: str, name: str) -> None:
+    await _admin(server_url, f'CREATE DATABASE "{name}"')
 
 
 async def _drop_database(server_url: str, name: str) -> None:
-    url = make_url(server_url)
-    conn = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username or "postgres",
-        password=url.password, database=url.database or "postgres",
-    )
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
