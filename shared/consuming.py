@@ -4,15 +4,19 @@
   the handler's effects (eventsourcing's ``Follower.process_event``): a redelivered or replayed
   event finds its row and changes nothing.
 - ``Subscription.handle`` is the subscriber body shared by the safety and notify services:
-  explicit acks. A failing message is nak'ed with a growing delay; on its ``max_deliver``-th
-  failure it is written to ``dead_letters`` (which an operator lists and replays with
-  ``trialwatch dead-letters``) and terminated, so it neither loops forever nor vanishes.
-  The server's own ``max_deliver`` is set two above ours, so a process killed in the middle of
-  the last attempt still gets one more delivery before the server gives up.
+  explicit acks. A failing message is nak'ed with a growing delay; each failure is counted in
+  ``delivery_failures`` (the server's delivery count is only a hint: it has been seen to restart
+  at 1 after a delayed nak). On its ``max_deliver``-th failure the message is written to
+  ``dead_letters`` (which an operator lists and replays with ``trialwatch dead-letters``) and
+  acked, so it neither loops forever nor vanishes.
+- The server itself never gives up on a message (its ``max_deliver`` is unlimited): while the
+  database cannot even record a failure, the message is nak'ed and waits, however long that takes,
+  and a process killed in the middle of a delivery costs no attempt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -22,13 +26,14 @@ from typing import Any
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.bus import BusNames
 from shared.events import StoredEvent
 from shared.store.eventstore import now_utc
-from shared.store.tables import dead_letters, processed_messages
+from shared.store.tables import dead_letters, delivery_failures, processed_messages
+from shared.store.upsert import upsert_returning
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,35 @@ async def record_dead_letter(
             ))
 
 
+async def count_failure(engine: AsyncEngine, consumer: str, message: str, error: str) -> int:
+    """Record one more failed delivery of ``message``; the number of failures so far."""
+    async with engine.begin() as conn:
+        return await upsert_returning(
+            conn, delivery_failures,
+            {"consumer": consumer, "message": message, "failures": 1, "last_error": error[:4000],
+             "updated_at": now_utc()},
+            keys=("consumer", "message"), increment="failures",
+        )
+
+
+async def forget_failures(engine: AsyncEngine, consumer: str, message: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(delete(delivery_failures).where(
+            delivery_failures.c.consumer == consumer, delivery_failures.c.message == message))
+
+
+def message_key(raw: Any) -> str:
+    """What names one message across its redeliveries: its stream and stream sequence."""
+    metadata = getattr(raw, "metadata", None)
+    try:
+        return f"{metadata.stream}:{metadata.sequence.stream}"
+    except AttributeError:  # not a JetStream message (a test broker): its subject and content
+        return f"{raw.subject}:{hashlib.sha256(raw.data).hexdigest()}"
+
+
+NAK_DELAY_CAP_S = 30.0
+
+
 class Subscription:
     """The body of a JetStream subscriber: parse, handle once, ack; or retry, then dead-letter."""
 
@@ -84,10 +118,6 @@ class Subscription:
     ) -> None:
         self.engine, self.consumer, self.handler, self.max_deliver = engine, consumer, handler, max_deliver
 
-    @property
-    def server_max_deliver(self) -> int:
-        return self.max_deliver + 2
-
     async def handle(self, body: Any, msg: NatsMessage) -> None:
         raw = msg.raw_message
         delivered = int(getattr(getattr(raw, "metadata", None), "num_delivered", 1) or 1)
@@ -95,18 +125,34 @@ class Subscription:
             event = StoredEvent.model_validate(body if isinstance(body, dict) else json.loads(body))
             await self.handler(event)
         except Exception as exc:
-            if delivered >= self.max_deliver:
-                log.error("%s: giving up on %s after %d deliveries: %s", self.consumer, raw.subject, delivered, exc)
+            await self.failed(msg, delivered, f"{type(exc).__name__}: {exc}")
+            return
+        if delivered > 1:  # it failed before (or was only slow): its failure count has done its work
+            await forget_failures(self.engine, self.consumer, message_key(raw))
+        await msg.ack()
+
+    async def failed(self, msg: NatsMessage, delivered: int, error: str) -> None:
+        """Count the failure; retry later, or after ``max_deliver`` failures dead-letter and ack."""
+        raw, key = msg.raw_message, message_key(msg.raw_message)
+        try:
+            failures = await count_failure(self.engine, self.consumer, key, error)
+            if failures >= self.max_deliver:
                 await record_dead_letter(
                     self.engine, self.consumer, subject=raw.subject, payload=raw.data.decode("utf-8", "replace"),
-                    error=f"{type(exc).__name__}: {exc}", deliveries=delivered,
+                    error=error, deliveries=failures,
                 )
-                await msg.ack()
-                return
-            log.warning("%s: delivery %d of %s failed (%s); will retry", self.consumer, delivered, raw.subject, exc)
-            await msg.nack(delay=min(2.0 ** delivered, 30.0))
+                await forget_failures(self.engine, self.consumer, key)
+        except Exception:  # the database cannot even take the failure: wait for it, never give up
+            log.exception("%s: cannot record the failure of %s (%s); will retry", self.consumer, raw.subject, error)
+            await msg.nack(delay=NAK_DELAY_CAP_S)
             return
-        await msg.ack()
+        if failures >= self.max_deliver:
+            log.error("%s: gave up on %s after %d failed deliveries (server count %d): %s", self.consumer,
+                      raw.subject, failures, delivered, error)
+            await msg.ack()
+            return
+        log.warning("%s: delivery %d of %s failed (%s); will retry", self.consumer, failures, raw.subject, error)
+        await msg.nack(delay=min(2.0 ** failures, NAK_DELAY_CAP_S))
 
 
 def durable_router(names: BusNames, subscription: Subscription, *, durable: str) -> NatsRouter:
@@ -126,7 +172,7 @@ def durable_router(names: BusNames, subscription: Subscription, *, durable: str)
         config=ConsumerConfig(
             durable_name=durable,
             deliver_policy=DeliverPolicy.ALL,
-            max_deliver=subscription.server_max_deliver,
+            max_deliver=-1,  # unlimited: only our own count (Subscription.failed) gives up
             ack_wait=60,
         ),
         ack_policy=AckPolicy.MANUAL,

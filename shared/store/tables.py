@@ -130,6 +130,18 @@ dead_letters = Table(
     UniqueConstraint("consumer", "event_id", name="uq_dead_letters_consumer_event"),
 )
 
+# Failed deliveries of one message, counted by the consumer itself: the server's own count is a
+# hint (it has been seen to restart at 1 after a delayed nak), never the only judge of a dead letter.
+delivery_failures = Table(
+    "delivery_failures",
+    metadata,
+    Column("consumer", String(64), primary_key=True),
+    Column("message", String(200), primary_key=True),  # "<stream>:<stream sequence>"
+    Column("failures", Integer, nullable=False),
+    Column("last_error", Text, nullable=False),
+    Column("updated_at", Tz, nullable=False),
+)
+
 # --- ingest: API tokens and idempotency keys ------------------------------------------------
 api_tokens = Table(
     "api_tokens",

@@ -17,3 +17,18 @@ async def upsert(conn: AsyncConnection, table: Table, values: dict[str, Any], ke
         index_elements=list(keys), set_={k: v for k, v in values.items() if k not in keys}
     )
     await conn.execute(statement)
+
+
+async def upsert_returning(
+    conn: AsyncConnection, table: Table, values: dict[str, Any], keys: Sequence[str], *, increment: str
+) -> int:
+    """Insert ``values``, or add the inserted ``increment`` column to the stored one; the result."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    column = table.c[increment]
+    statement = dialect.insert(table).values(**values)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={k: (column + statement.excluded[increment]) if k == increment else v
+              for k, v in values.items() if k not in keys},
+    ).returning(column)
+    return int((await conn.execute(statement)).scalar_one())

@@ -116,7 +116,7 @@ async def system_with_short_ack_wait(
     it), so a message a dead process held comes back in 2 s rather than the service's 60."""
     settings = session_settings(tmp_path, nats_url, capture.url)
     await ensure_stream(nats_url, names_of(settings))
-    await declare_consumer(nats_url, names_of(settings), SAFETY, ack_wait=2, max_deliver=settings.max_deliver + 2)
+    await declare_consumer(nats_url, names_of(settings), SAFETY, ack_wait=2, max_deliver=-1)
     running = await start_system(settings, own_engine, capture)
     try:
         yield running

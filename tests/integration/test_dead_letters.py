@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,10 +22,11 @@ from services.runner import list_dead_letters, replay_dead_letter
 from services.safety.app import make_broker
 from services.safety.consumer import DURABLE, build_router
 from shared.bus import ensure_stream
-from shared.consuming import Subscription, process_once
+from shared.consuming import Subscription, message_key, process_once
 from shared.events import StoredEvent
 from shared.settings import Settings
-from shared.store.tables import dead_letters
+from shared.store.engine import make_engine
+from shared.store.tables import dead_letters, delivery_failures
 from tests.support.faults import bus_url, caught_up, consumer, fresh_names, names_of, processed, publish  # noqa: F401
 from tests.support.system import eventually
 
@@ -119,7 +121,7 @@ async def test_a_message_that_always_fails_is_dead_lettered_after_max_deliver_de
     assert [r["id"] for r in await listed(settings)] == [r["id"] for r in found]
 
     # All are acked: nothing pending, nothing in flight, and the server delivered each exactly
-    # max_deliver times (its own limit is two more, so only our ack stopped it).
+    # max_deliver times (its own limit is unlimited, so only our ack stopped it).
     await eventually(lambda: idle(settings), timeout=5)
     info = await consumer(settings.nats_url or "", settings.stream_name, DURABLE)
     assert info.delivered is not None and info.delivered.consumer_seq == 3 * MAX_DELIVER
@@ -158,3 +160,87 @@ async def test_a_dead_letter_replayed_after_the_fault_is_fixed_takes_effect_once
 async def at_least(n: int, rows: Awaitable[list[dict[str, Any]]]) -> list[dict[str, Any]] | None:
     found = await rows
     return found if len(found) >= n else None
+
+
+class Delivery:
+    """One delivery of a JetStream message as the subscriber sees it, with the server's count
+    set by the test, and what the subscriber answered."""
+
+    def __init__(self, payload: bytes, *, stream: str, sequence: int, num_delivered: int) -> None:
+        self.raw_message = SimpleNamespace(
+            subject=f"{stream.lower()}.events.crs", data=payload,
+            metadata=SimpleNamespace(stream=stream, sequence=SimpleNamespace(stream=sequence),
+                                     num_delivered=num_delivered))
+        self.answer: tuple[str, float | None] | None = None
+
+    async def ack(self) -> None:
+        self.answer = ("ack", None)
+
+    async def nack(self, delay: float | None = None) -> None:
+        self.answer = ("nak", delay)
+
+
+async def deliver(subscription: Subscription, payload: bytes, *, stream: str, sequence: int = 7,
+                  num_delivered: int = 1) -> Delivery:
+    delivery = Delivery(payload, stream=stream, sequence=sequence, num_delivered=num_delivered)
+    await subscription.handle(payload.decode(), delivery)  # type: ignore[arg-type]
+    return delivery
+
+
+async def failures_of(engine: AsyncEngine, delivery: Delivery) -> int | None:
+    async with engine.connect() as conn:
+        return await conn.scalar(select(delivery_failures.c.failures).where(
+            delivery_failures.c.consumer == DURABLE, delivery_failures.c.message == message_key(delivery.raw_message)))
+
+
+async def test_failures_are_counted_by_the_consumer_when_the_server_count_starts_again_at_one(
+    engine: AsyncEngine,
+) -> None:
+    # The server's delivery count has been seen to restart at 1 after a delayed nak; a message
+    # that always fails must still reach the dead letters after max_deliver failures, no more.
+    handler = Handler(engine)
+    handler.fault = "the projection table is locked"
+    subscription = Subscription(engine, DURABLE, handler, max_deliver=MAX_DELIVER)
+    stream, event = fresh_names().stream, crs_event()
+    payload = event.model_dump_json().encode()
+
+    answers = [(await deliver(subscription, payload, stream=stream)).answer for _ in range(MAX_DELIVER)]
+
+    assert answers == [("nak", 2.0), ("nak", 4.0), ("ack", None)]
+    async with engine.connect() as conn:
+        [letter] = (await conn.execute(select(dead_letters).where(
+            dead_letters.c.event_id == str(event.event_id)))).mappings().all()
+    assert letter["deliveries"] == MAX_DELIVER and "the projection table is locked" in letter["error"]
+    assert handler.attempts == MAX_DELIVER
+
+
+async def test_a_message_that_succeeds_after_failing_leaves_no_failure_count_behind(engine: AsyncEngine) -> None:
+    handler = Handler(engine)
+    handler.fault = "a passing fault"
+    subscription = Subscription(engine, DURABLE, handler, max_deliver=MAX_DELIVER)
+    stream, event = fresh_names().stream, crs_event()
+    payload = event.model_dump_json().encode()
+
+    failed = await deliver(subscription, payload, stream=stream, num_delivered=1)
+    assert failed.answer == ("nak", 2.0) and await failures_of(engine, failed) == 1
+
+    handler.fault = None
+    done = await deliver(subscription, payload, stream=stream, num_delivered=2)
+    assert done.answer == ("ack", None) and await failures_of(engine, done) is None
+    assert handler.effects == [str(event.event_id)]
+
+
+async def test_a_failure_the_database_cannot_record_is_retried_and_never_dead_lettered(tmp_path: Path) -> None:
+    # The database is gone (its directory does not exist): the failure cannot be counted, so the
+    # message waits and comes back, however often the server has delivered it.
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'gone' / 'trialwatch.db'}")
+    try:
+        handler = Handler(engine)
+        subscription = Subscription(engine, DURABLE, handler, max_deliver=MAX_DELIVER)
+        event = crs_event()
+        for num_delivered in (1, MAX_DELIVER, 10 * MAX_DELIVER):
+            delivery = await deliver(subscription, event.model_dump_json().encode(), stream="GONE",
+                                     num_delivered=num_delivered)
+            assert delivery.answer == ("nak", 30.0)
+    finally:
+        await engine.dispose()
