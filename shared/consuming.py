@@ -128,7 +128,10 @@ class Subscription:
             await self.failed(msg, delivered, f"{type(exc).__name__}: {exc}")
             return
         if delivered > 1:  # it failed before (or was only slow): its failure count has done its work
-            await forget_failures(self.engine, self.consumer, message_key(raw))
+            try:
+                await forget_failures(self.engine, self.consumer, message_key(raw))
+            except Exception:  # a stale count names a sequence number never delivered again: harmless
+                log.warning("%s: could not clear the failure count of %s", self.consumer, raw.subject, exc_info=True)
         await msg.ack()
 
     async def failed(self, msg: NatsMessage, delivered: int, error: str) -> None:
