@@ -11,7 +11,8 @@ Rules:
   - Infection (CTCAE, DOMAIN.md d): grade >= 4 -> ``infection_grade_4_plus``; 3 -> ``infection_grade_3``.
   - Lab of CTCAE grade >= 3 -> ``heme_ae_grade_3_plus``.
   - ``death``, ``relapse``, ``withdrawal``: each such event.
-- One ``protocol_deviation`` per deviation (``deviations.py``), keyed by code and cause event.
+- One ``protocol_deviation`` per deviation (``deviations.py``), keyed by code and what it is about
+  (its cause event, or the course for a course's deviations).
 - ``assessment_overdue`` per timepoint whose assessment is overdue (``windows.py``), keyed by the
   timepoint; it cites the anchor event.
 - Severity is ``protocol.severity(kind)``; actions follow the label and reporting practice
@@ -199,7 +200,7 @@ EVENT_RULES: dict[str, Callable[[Chart, Fact], Draft | None]] = {
 def _deviation(chart: Chart, d: Deviation) -> Draft:
     when, timing = chart.clinical_time(d.cause.occurred_at)
     detail = f"Protocol deviation {d.code} ({when}): {d.detail}."
-    return Draft("protocol_deviation", f"{d.code}|{d.cause.event_id}", deviation_title(d.code),
+    return Draft("protocol_deviation", f"{d.code}|{d.key}", deviation_title(d.code),
                  detail, actions.deviation(d.code), f"deviation:{d.code}", (d.cause, *d.related),
                  {"code": d.code, **d.facts, **timing})
 

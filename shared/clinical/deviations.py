@@ -44,6 +44,14 @@ class Deviation:
     cause: Fact
     related: tuple[Fact, ...] = ()
     facts: Mapping[str, Any] = field(default_factory=dict)
+    # What makes it the same deviation as the history grows: by default its cause event; a course's
+    # deviations are the course's, so entering more of its doses keeps one alert, not a new one
+    # (and a withdrawal) per dose.
+    about: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.about or str(self.cause.event_id)
 
     def public(self) -> dict[str, str]:
         return {"code": self.code, "detail": self.detail, "event_id": str(self.cause.event_id)}
@@ -111,12 +119,12 @@ def _course_lengths(chart: Chart) -> list[Deviation]:
             found.append(Deviation("course_too_long", f"course {course.number} dosed on day "
                                    f"{beyond[0].data['day']}; the {plan.label} cohort allows "
                                    f"{plan.min_course_days}-{plan.max_course_days} days", beyond[0],
-                                   facts=numbers))
+                                   facts=numbers, about=f"course {course.number}"))
         if _too_short_once_finished(chart, course) and chart.now >= chart.treatment.finished_at(course):
             found.append(Deviation("course_too_short", f"course {course.number} ended after day "
                                    f"{course.length}; the {plan.label} cohort needs "
                                    f"{plan.min_course_days}-{plan.max_course_days} days",
-                                   course.last_dose, facts=numbers))
+                                   course.last_dose, facts=numbers, about=f"course {course.number}"))
     return found
 
 
@@ -150,7 +158,7 @@ def _second_course(chart: Chart) -> list[Deviation]:
               key=lambda d: d.order, default=None)
     if dli is None:
         return [Deviation("second_course_without_dli", f"course 2 started on {start.day} with no "
-                          "DLI before it", start)]
+                          "DLI before it", start, about="course 2")]
     plan = chart.protocol.dli
     earliest = add_months(dli.day, plan.second_course_min_months)
     latest = add_months(dli.day, plan.second_course_max_months)
@@ -159,7 +167,7 @@ def _second_course(chart: Chart) -> list[Deviation]:
     detail = (f"course 2 started on {start.day}, {(start.day - dli.day).days} days after the DLI on "
               f"{dli.day}; the protocol allows {earliest} to {latest} "
               f"({plan.second_course_min_months}-{plan.second_course_max_months} months after the DLI)")
-    return [Deviation("second_course_timing", detail, start, related=(dli,),
+    return [Deviation("second_course_timing", detail, start, related=(dli,), about="course 2",
                       facts={"course2_day1": start.day.isoformat(), "dli_date": dli.day.isoformat(),
                              "earliest": earliest.isoformat(), "latest": latest.isoformat()})]
 

@@ -114,6 +114,22 @@ def test_a_4_day_mrd_course_is_too_short():
     assert deviation_codes(h.fold(at(day(7)))) == ["course_too_short"]
 
 
+def test_a_course_entered_late_one_dose_at_a_time_keeps_one_too_short_alert_until_it_is_long_enough():
+    # Data entry a month after the course: after each of the first seven doses the course is short
+    # (and long finished by the clock). That is one deviation, about the course: the same alert
+    # throughout, not a new alert and a withdrawal per dose; the eighth dose ends it.
+    h = History()
+    h.enter_late(at(day(40)))
+    alert_ids = []
+    for n in range(1, 9):
+        h.dose(1, n, at(day(n)))
+        alert_ids.append([a.alert_id for a in h.fold(at(day(40), 12)).desired_alerts()
+                          if a.kind == "protocol_deviation"])
+
+    course_1 = alert_id_for(h.subject_id, "protocol_deviation", "course_too_short|course 1")
+    assert alert_ids == [[course_1]] * 7 + [[]]
+
+
 # ---------------------------------------------------------------------------- DLI
 
 
