@@ -25,7 +25,15 @@ from shared.store import eventstore
 from shared.store.eventstore import utc
 from shared.store.tables import due_checks
 from tests.support.clinical import crs, dose, enrolment, subject_id
-from tests.support.system import INVESTIGATORS, RunningSystem, eventually, session_settings, start_system, stop_system
+from tests.support.system import (
+    INVESTIGATORS,
+    RunningSystem,
+    equals,
+    eventually,
+    session_settings,
+    start_system,
+    stop_system,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -131,7 +139,7 @@ async def test_a_deadline_passed_while_the_service_was_down_alerts_once_after_an
     # The patient is treated; the safety service waits for the day14 deadline.
     first = await start(clock)
     subject = await treat(first, day1)
-    assert await eventually(lambda: _is(due_at(first, subject), deadline), timeout=10)
+    assert await eventually(lambda: equals(due_at(first, subject), deadline), timeout=10)
     assert await alerts(first, subject) == []
 
     # It is stopped before the deadline and started again after it.
@@ -163,7 +171,7 @@ async def test_a_deadline_passing_while_running_raises_the_alert_with_nothing_re
     # leaves room for a slow machine to record the history before the deadline.)
     clock.set(deadline - timedelta(seconds=10))
     subject = await treat(system, day1)
-    assert await eventually(lambda: _is(due_at(system, subject), deadline), timeout=9)
+    assert await eventually(lambda: equals(due_at(system, subject), deadline), timeout=9)
     assert clock() < deadline and await alerts(system, subject) == []
 
     # Nothing more is recorded. The scheduler's check raises the alert once the deadline passes.
@@ -203,9 +211,6 @@ async def test_grade_3_crs_at_day_14_2359_counts_in_the_2_week_window_and_at_day
     assert (rule["evaluable"], rule["events"]) == (2, 1)
     assert view["windows"]["day14"]["end"] == on(day1, 14).date().isoformat()
 
-
-async def _is(value: Awaitable[Any], expected: Any) -> bool:
-    return bool(await value == expected)
 
 
 async def _alert_events(system: RunningSystem, subject: str) -> list[Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
@@ -108,6 +108,11 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 20.0, interva
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def equals(value: Awaitable[Any], expected: Any) -> bool:
+    """For ``eventually``: whether an awaited value is ``expected`` yet."""
+    return bool(await value == expected)
 
 
 def nats_url_from_env() -> str | None:
