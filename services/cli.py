@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import typer
 
@@ -41,13 +44,25 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _stopped_by_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _serve(service: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived command; SIGTERM (docker stop, systemd, ``Popen.terminate``) stops it the
+    way Ctrl-C does, through every ``finally``, rather than killing it on the spot (uvicorn
+    re-raises the signal after its own shutdown, which would skip stopping the embedded broker)."""
+    signal.signal(signal.SIGTERM, _stopped_by_sigterm)
+    asyncio.run(service)
+
+
 @app.command()
 def up() -> None:
     """Run the whole system here: embedded NATS, SQLite, SMTP capture and the three services."""
     from services.runner import run_all
 
     _logging()
-    asyncio.run(run_all(_settings()))
+    _serve(run_all(_settings()))
 
 
 @app.command()
@@ -56,7 +71,7 @@ def ingest() -> None:
     from services.runner import run_ingest
 
     _logging()
-    asyncio.run(run_ingest(_settings()))
+    _serve(run_ingest(_settings()))
 
 
 @app.command()
@@ -65,7 +80,7 @@ def safety() -> None:
     from services.runner import run_safety
 
     _logging()
-    asyncio.run(run_safety(_settings()))
+    _serve(run_safety(_settings()))
 
 
 @app.command()
@@ -74,7 +89,7 @@ def notify() -> None:
     from services.runner import run_notify
 
     _logging()
-    asyncio.run(run_notify(_settings()))
+    _serve(run_notify(_settings()))
 
 
 @token_app.command("create")

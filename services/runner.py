@@ -48,12 +48,14 @@ async def embedded(settings: Settings) -> AsyncIterator[Endpoints]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     nats: EmbeddedNats | None = None
     capture: MailCapture | None = None
+    supervisor: asyncio.Task[None] | None = None
     try:
         if settings.nats_url:
             nats_url = settings.nats_url
         else:
             nats = EmbeddedNats(settings.data_dir / "nats").start()
             nats_url = nats.url
+            supervisor = asyncio.create_task(_keep_running(nats), name="embedded-nats-supervisor")
             log.info("embedded NATS with JetStream at %s", nats_url)
         if settings.smtp_url:
             smtp_url = settings.smtp_url
@@ -64,10 +66,25 @@ async def embedded(settings: Settings) -> AsyncIterator[Endpoints]:
             log.info("SMTP capture at %s, mails under %s", smtp_url, settings.data_dir / "mail")
         yield Endpoints(settings.resolved_database_url, nats_url, smtp_url)
     finally:
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
         if capture is not None:
             await capture.stop()
         if nats is not None:
             nats.stop()
+
+
+async def _keep_running(nats: EmbeddedNats, every_s: float = 1.0) -> None:
+    """The embedded broker is ours to keep up: if it dies, start it again on the same port and
+    store (clients reconnect without end; the outbox holds whatever was recorded meanwhile)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:  # on this thread: the child is tied to the life of the thread that starts it (see EmbeddedNats)
+            nats.restart_if_dead()
+        except Exception:
+            log.exception("could not start the embedded nats-server again; trying again")
 
 
 def ingest_app(settings: Settings, engine: AsyncEngine, nats_url: str) -> Any:

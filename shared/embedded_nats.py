@@ -6,12 +6,18 @@ Python's scripts.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def nats_server_binary() -> str:
@@ -43,6 +49,14 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) 
     raise TimeoutError(f"nats-server did not listen on port {port} within {timeout} s")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the process that started it dies,
+    however that happens (kill -9 included), so no orphaned nats-server keeps the store locked.
+    (Strictly, when the starting *thread* ends: start it from a thread that lives as long as you.)"""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EmbeddedNats:
     """Start with ``start()``, stop with ``stop()``; ``url`` is where it listens.
 
@@ -59,18 +73,37 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.store_dir / "nats-server.pid"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def start(self, timeout: float = 15.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child
+        log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)],
-            stdout=log,
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir),
+             "-P", str(self.pid_file)],
+            stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us, and we stop it after the services
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
-        log.close()
+        log_file.close()
         _wait_for_port(self.port, self.process, timeout)
         return self
+
+    def restart_if_dead(self) -> bool:
+        """Start it again, on the same port and store, if it has exited; True if it had."""
+        if self.process is None or self.running:
+            return False
+        log.error("embedded nats-server exited with code %s; starting it again on port %d",
+                  self.process.returncode, self.port)
+        self.start()
+        return True
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

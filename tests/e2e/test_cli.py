@@ -78,9 +78,63 @@ def test_up_runs_the_whole_system_and_an_urgent_event_lands_as_an_eml(
     message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
     assert subject in str(message["Subject"]) and "URGENT" in str(message["Subject"])
 
-    # Ctrl-C stops everything, the embedded nats-server included.
-    running_up.send_signal(signal.SIGINT)
-    assert running_up.wait(timeout=20) == 0 or running_up.returncode in (0, 130)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _nats_pid(cli_env: dict[str, str]) -> int:
+    return int((Path(cli_env["TRIALWATCH_DATA_DIR"]) / "nats" / "nats-server.pid").read_text())
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_up_stops_all_of_it_on_ctrl_c_and_on_sigterm(
+    cli_env: dict[str, str], running_up: subprocess.Popen[str], stop: signal.Signals
+) -> None:
+    nats = _nats_pid(cli_env)
+    assert _alive(nats)
+
+    # Ctrl-C, or SIGTERM as docker stop, systemd and Popen.terminate send it.
+    running_up.send_signal(stop)
+    assert running_up.wait(timeout=30) in (0, 130)
+
+    # Nothing is left behind: not the embedded broker, not the HTTP port.
+    deadline = time.monotonic() + 10
+    while _alive(nats) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(nats)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}/healthz", timeout=1)
+
+
+def test_up_starts_its_broker_again_when_it_dies_and_nothing_recorded_meanwhile_is_lost(
+    cli_env: dict[str, str], running_up: subprocess.Popen[str]
+) -> None:
+    base = f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}"
+    token = run(cli_env, "token", "create", "--user", "nurse", "--role", "site_staff", "--site", "S01")
+    headers = {"Authorization": f"Bearer {token.stdout.strip().splitlines()[-1]}"}
+    subject = subject_id()
+    assert httpx.post(f"{base}/v1/patients", json=enrolment(subject), headers=headers).status_code == 201
+
+    # The embedded nats-server is killed; a grade 3 CRS is recorded while it may still be down.
+    first = _nats_pid(cli_env)
+    os.kill(first, signal.SIGKILL)
+    assert httpx.post(f"{base}/v1/patients/{subject}/events", json=crs(at(2), 3),
+                      headers=headers).status_code == 201
+
+    # `up` starts it again on its port and store, and the investigators' mail arrives.
+    mail_dir = Path(cli_env["TRIALWATCH_DATA_DIR"]) / "mail"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _mails_about(mail_dir, subject):
+        time.sleep(0.2)
+    assert _mails_about(mail_dir, subject)
+    assert _nats_pid(cli_env) != first and _alive(_nats_pid(cli_env))
+    _wait_ready(base)
 
 
 def test_verify_names_the_first_tampered_event_and_replay_rebuilds(cli_env: dict[str, str]) -> None:
