@@ -4,6 +4,9 @@ Rules:
 
 - 2-week incidences (window ``day14``): CRS any grade (grade 0 = no CRS) and grade >= 3; ICANS any
   grade; infection any grade and grade >= 3; haematological AE grade >= 3 = a lab of CTCAE grade >= 3.
+  A death caused by CRS or by infection is that event at grade 5 (ASTCT 2019: "grade 5 = death due
+  to CRS"; CTCAE v5: "G5 death related to AE"), so it counts even when no grade was recorded. (A
+  GVHD death is not counted as acute GVHD: the death's cause does not say acute or chronic.)
 - 100-day incidences (window ``day100``): acute GVHD any grade (grade >= 1) and grade III-IV;
   chronic GVHD of any severity; ``nrm_100d`` = a death not caused by relapse.
 - An endpoint is ``True`` when its event happened in its window; ``False`` once the window has
@@ -32,12 +35,22 @@ def _acute(f: Fact) -> bool:
     return f.type == "gvhd" and f.data.get("form") == "acute"
 
 
+def _fatal(cause: str) -> Callable[[Fact], bool]:
+    """A death from ``cause``: that adverse event at grade 5 (CTCAE; ASTCT: death due to CRS)."""
+    return lambda f: f.type == "death" and f.data.get("cause") == cause
+
+
+def _graded(type_: str, least: int) -> Callable[[Fact], bool]:
+    fatal = _fatal(type_)
+    return lambda f: (f.type == type_ and f.grade >= least) or fatal(f)
+
+
 ENDPOINTS: dict[str, tuple[str, Callable[[Fact], bool]]] = {
-    "crs_any_2w": ("day14", lambda f: f.type == "crs" and f.grade >= 1),
-    "crs_grade_3_plus_2w": ("day14", lambda f: f.type == "crs" and f.grade >= 3),
+    "crs_any_2w": ("day14", _graded("crs", 1)),
+    "crs_grade_3_plus_2w": ("day14", _graded("crs", 3)),
     "icans_any_2w": ("day14", lambda f: f.type == "icans" and f.grade >= 1),
-    "infection_any_2w": ("day14", lambda f: f.type == "infection" and f.grade >= 1),
-    "infection_grade_3_plus_2w": ("day14", lambda f: f.type == "infection" and f.grade >= 3),
+    "infection_any_2w": ("day14", _graded("infection", 1)),
+    "infection_grade_3_plus_2w": ("day14", _graded("infection", 3)),
     "heme_ae_grade_3_plus_2w": ("day14", lambda f: f.type == "lab" and f.grade >= 3),
     "agvhd_any_100d": ("day100", lambda f: _acute(f) and f.grade >= 1),
     "agvhd_grade_3_4_100d": ("day100", lambda f: _acute(f) and f.grade >= 3),

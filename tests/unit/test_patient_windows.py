@@ -217,12 +217,35 @@ def test_an_event_makes_the_endpoint_true_at_once():
 
 def test_dying_before_the_window_closes_is_evaluable_only_when_the_rule_counts_the_dead():
     h = treated()
-    death = h.death(at(day(9)), cause="crs")
+    death = h.death(at(day(9)), cause="relapse")
     state = h.fold(at(day(30)))
     assert state.endpoint("crs_grade_3_plus_2w") is None
     assert state.endpoint("crs_grade_3_plus_2w", count_dead=True) is False
     assert state.endpoint_at("crs_grade_3_plus_2w", count_dead=True) == (False, death.occurred_at)
     assert state.endpoint("crs_grade_3_plus_2w", count_withdrawn=True) is None
+
+
+@pytest.mark.parametrize(("cause", "events"), [
+    ("crs", {"crs_any_2w", "crs_grade_3_plus_2w"}),
+    ("infection", {"infection_any_2w", "infection_grade_3_plus_2w"}),
+    ("gvhd", set()),
+    ("relapse", set()),
+])
+def test_a_death_from_crs_or_infection_in_the_window_is_that_event_at_grade_5(cause, events):
+    h = treated()
+    death = h.death(at(day(5)), cause=cause)
+    state = h.fold(at(day(30)))
+    two_weeks = {"crs_any_2w", "crs_grade_3_plus_2w", "icans_any_2w", "infection_any_2w",
+                 "infection_grade_3_plus_2w", "heme_ae_grade_3_plus_2w"}
+    assert {name for name in two_weeks if state.endpoint(name) is True} == events
+    for name in events:
+        assert state.endpoint_at(name) == (True, death.occurred_at)
+
+
+def test_a_death_from_crs_after_the_2_week_window_is_not_a_2_week_event():
+    h = treated()
+    h.death(at(day(15)), cause="crs")
+    assert h.fold(at(day(30))).endpoint("crs_grade_3_plus_2w") is False
 
 
 def test_withdrawing_before_the_window_closes_is_evaluable_only_when_the_rule_counts_them():
