@@ -13,8 +13,9 @@ Conventions where the contract is silent:
   lifelines' ``median_survival_time_`` is not used: it has no midpoint rule, and because it builds
   S as exp(sum of logs), a curve at exactly 0.5 comes out at 0.5000000001 and skips to the next
   event.
-- ``at_3y`` is null when nobody in the arm was followed to day 1095, even if the curve already
-  reached 0; the log(-log) interval is undefined where S is 0 or 1, so it is null there too.
+- ``at_3y`` is null when nobody in the arm was followed to day 1095, unless the curve already
+  reached 0 (everyone left had the event: S(1095) = 0 is then known, not extrapolated). The
+  log(-log) interval is undefined where S is 0 or 1, so it is null there.
 - An event on the origin day is at day 0; a date before the origin (bad data) is clamped to 0.
 """
 
@@ -113,7 +114,7 @@ def fit_arm(endpoint: str, arm: str, patients: Sequence[PatientOutcome]) -> tupl
         tuple(float(t) for t, event in observed if not event),
     )
     at_3y = low = high = None
-    if max(durations) >= THREE_YEARS_DAYS:
+    if max(durations) >= THREE_YEARS_DAYS or curve.values[-1] == 0.0:
         at_3y = step_value(curve.times, curve.values, THREE_YEARS_DAYS)
         if 0.0 < at_3y < 1.0:
             low = step_value(curve.times, curve.lower, THREE_YEARS_DAYS)

@@ -147,6 +147,15 @@ def test_three_year_estimate_is_null_when_follow_up_is_shorter(summary):
     assert row(summary.survival, endpoint="dfs", arm=USUAL).median_days == (80 + 300) / 2
 
 
+def test_three_year_estimate_is_0_when_everyone_had_the_event_before_it():
+    cohort = [patient("B-01", BLINA, last=3, death=3, cause="crs"),
+              patient("B-02", BLINA, last=400, death=400, cause="relapse")]
+    os = row(build_summary(cohort, RULES, generated_at=GENERATED, data_cutoff=CUTOFF, trial_title="t").survival,
+             endpoint="os", arm=BLINA)
+    assert (os.at_3y, os.ci_low, os.ci_high) == (0.0, None, None)
+    assert os.median_days == (3 + 400) / 2  # S = 0.5 from day 3 to 400: the midpoint (quantile.survfit)
+
+
 def test_log_rank_compares_the_arms_per_endpoint(summary):
     assert [r.endpoint for r in summary.logrank] == ["os", "dfs"]
     assert all(0 <= r.p_value <= 1 for r in summary.logrank)
@@ -246,7 +255,9 @@ def test_text_part_holds_every_figure_as_a_table(parsed):
     assert re.search(r"crs_grade_3_plus\s+2 / 5\s+3\s+not crossed", text)
     assert re.search(r"nrm_100d\s+3 / 3\s+2\s+CROSSED", text)
     assert re.search(r"Overall survival\s+Blinatumomab \+ DLI\s+6\s+3\s+600\s+41\.7%", text)
-    assert re.search(r"Disease-free survival\s+Usual care\s+4\s+3\s+190\s+—\s+—", text)
+    # Usual-care DFS reaches 0 at day 300 (its last patient at risk relapsed): 0% at 3 years, no interval.
+    assert re.search(r"Disease-free survival\s+Usual care\s+4\s+3\s+190\s+0\.0%\s+—", text)
+    assert re.search(r"Overall survival\s+Usual care\s+4\s+2\s+300\s+—\s+—", text)
     assert re.search(r"Blinatumomab \+ DLI\s+6\s+3\s+1\s+33\.3%", text)  # aGVHD at day 100
     assert re.search(r"B-01\s+Blinatumomab \+ DLI\s+site-1\s+100\s+infection", text)
 
