@@ -2,8 +2,9 @@
 
 Rules:
 
-- One alert per effective event that qualifies, keyed by its original ``event_id`` (so a correction
-  that keeps the kind keeps the alert id; one that changes the kind withdraws it and raises another):
+- One alert per effective event that qualifies, keyed by its original ``event_id`` and its grade
+  or severity (so a correction of the time alone keeps the alert id; one that changes the grade or
+  the kind withdraws it and raises another, whose mail says the new grade):
   - CRS (ASTCT, DOMAIN.md a): grade >= 3 -> ``crs_grade_3_plus``; 1-2 -> ``crs_low_grade``; 0 = no CRS.
   - ICANS: grade >= 3 -> ``icans_grade_3_plus``; 1-2 -> ``icans_low_grade``.
   - Acute GVHD (MAGIC, DOMAIN.md b): III-IV -> ``agvhd_grade_3_4``; I-II -> ``agvhd_grade_1_2``;
@@ -93,7 +94,16 @@ def _event(chart: Chart, fact: Fact, kind: str, title: str, finding: str, rule: 
     if toward:
         detail += f" Counts toward {', '.join(_with_rules(chart, toward))}."
     facts = {**numbers, **timing, "counts_toward": toward}
-    return Draft(kind, str(fact.event_id), title, detail, action, rule, (fact,), facts)
+    return Draft(kind, _event_key(fact, numbers), title, detail, action, rule, (fact,), facts)
+
+
+def _event_key(fact: Fact, numbers: Mapping[str, Any]) -> str:
+    """The event, and its grade (or severity) where it has one: a correction from grade 3 to 4
+    withdraws the grade-3 alert and raises a grade-4 one, so investigators learn of the change."""
+    for name in ("grade", "severity"):
+        if name in numbers:
+            return f"{fact.event_id}|{name} {numbers[name]}"
+    return str(fact.event_id)
 
 
 def _with_rules(chart: Chart, endpoints: list[str]) -> list[str]:

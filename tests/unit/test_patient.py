@@ -10,7 +10,7 @@ import pytest
 
 from shared.clinical.patient import NotEnrolledError, fold_patient
 from shared.clinical.records import ENDPOINT_NAMES
-from shared.events import alert_id_for
+from shared.events import StoredEvent, alert_id_for
 from tests.unit.patient_history import PROTOCOL, History, at, kinds, only
 
 DAY1 = date(2025, 3, 5)  # course 1 day 1 (a Wednesday)
@@ -33,6 +33,14 @@ NOW = at(day(11))  # after the course, before any assessment is due
 
 
 # ---------------------------------------------------------------------------- one alert per kind
+
+
+def key_of(event: StoredEvent) -> str:
+    """An event alert's key: the event, and its grade or severity where it has one."""
+    for name in ("grade", "severity"):
+        if name in event.data:
+            return f"{event.event_id}|{name} {event.data[name]}"
+    return str(event.event_id)
 
 
 @pytest.mark.parametrize(("record", "kind", "title"), [
@@ -63,7 +71,7 @@ def test_each_qualifying_event_raises_its_alert(record, kind, title):
 
     alert = only(h.fold(NOW), kind)
 
-    assert alert.alert_id == alert_id_for(h.subject_id, kind, str(cause.event_id))
+    assert alert.alert_id == alert_id_for(h.subject_id, kind, key_of(cause))
     assert alert.severity == PROTOCOL.severity(kind)
     assert alert.title == title
     assert (alert.subject_id, alert.site_id) == (h.subject_id, "S01")
@@ -152,7 +160,7 @@ def test_a_correction_from_grade_2_to_3_raises_the_urgent_alert():
     alert = only(h.fold(NOW), "crs_grade_3_plus")
 
     assert kinds(h.fold(NOW)) == ["crs_grade_3_plus"]  # the low-grade alert is no longer desired
-    assert alert.alert_id == alert_id_for(h.subject_id, "crs_grade_3_plus", str(crs.event_id))
+    assert alert.alert_id == alert_id_for(h.subject_id, "crs_grade_3_plus", f"{crs.event_id}|grade 3")
     assert alert.cause_event_ids == (crs.event_id, fix.event_id)
     assert alert.cause_recorded_at == fix.recorded_at
 
@@ -164,7 +172,9 @@ def test_a_correction_from_grade_3_to_2_removes_the_urgent_alert():
     assert kinds(h.fold(NOW)) == ["crs_low_grade"]
 
 
-def test_a_correction_within_the_same_kind_keeps_the_alert_id():
+def test_a_correction_to_another_urgent_grade_raises_an_alert_of_that_grade():
+    # Grade 3 -> 4 CRS: the grade-3 alert is withdrawn and a grade-4 one raised, so the
+    # investigators hear of the change (the alert text is fixed when it is raised).
     h = on_course()
     crs = h.crs(at(day(3)), 3)
     before = only(h.fold(NOW), "crs_grade_3_plus")
@@ -172,8 +182,17 @@ def test_a_correction_within_the_same_kind_keeps_the_alert_id():
     h.correct(crs, grade=4, occurred_at=at(day(4)))
     after = only(h.fold(NOW), "crs_grade_3_plus")
 
-    assert after.alert_id == before.alert_id
+    assert after.alert_id != before.alert_id
+    assert after.alert_id == alert_id_for(h.subject_id, "crs_grade_3_plus", f"{crs.event_id}|grade 4")
     assert after.title == "Grade 4 CRS" and after.cause_occurred_at == at(day(4))
+
+
+def test_a_correction_of_the_time_alone_keeps_the_alert_id():
+    h = on_course()
+    crs = h.crs(at(day(3)), 3)
+    before = only(h.fold(NOW), "crs_grade_3_plus")
+    h.correct(crs, grade=3, occurred_at=at(day(4)))
+    assert only(h.fold(NOW), "crs_grade_3_plus").alert_id == before.alert_id
 
 
 def test_a_retraction_removes_the_alert():
@@ -206,7 +225,7 @@ def test_a_correction_of_a_correction_corrects_the_original_event():
         "replacement": {"grade": 1, "scale": "ASTCT-2019", "type": "crs",
                         "occurred_at": at(day(3)).isoformat()}})
     alert = only(h.fold(NOW), "crs_low_grade")
-    assert alert.alert_id == alert_id_for(h.subject_id, "crs_low_grade", str(crs.event_id))
+    assert alert.alert_id == alert_id_for(h.subject_id, "crs_low_grade", f"{crs.event_id}|grade 1")
     assert alert.title == "Grade 1 CRS"
 
 
