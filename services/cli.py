@@ -132,6 +132,9 @@ def verify() -> None:
             err=True,
         )
         raise typer.Exit(1)
+    if why:
+        typer.echo(f"BROKEN after {checked} events: {why}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"ok: {checked} events, hash chain intact")
 
 

@@ -206,13 +206,23 @@ async def read_all(conn: AsyncConnection, *, after: int = 0, limit: int = 1000) 
 
 
 async def verify_chain(conn: AsyncConnection, *, batch: int = 1000) -> tuple[int, StoredEvent | None, str]:
-    """Walk the chain from the start. Returns (events checked, first bad event or None, why)."""
+    """Walk the chain from the start, then check that it ends where the chain head says.
+
+    Returns (events checked, first bad event or None, why); ``why`` is empty when the chain is
+    intact. Events deleted from the end leave every remaining link sound: only the head, written
+    in the same transaction as each append, tells (then the bad event is None).
+    """
     prev, checked, after = GENESIS, 0, 0
     while True:
         rows = (
             await conn.execute(select(events).where(events.c.position > after).order_by(events.c.position).limit(batch))
         ).all()
         if not rows:
+            head = (await conn.execute(select(chain_head).where(chain_head.c.id == 1))).first()
+            if head is not None and (head.position, head.hash) != (after, prev):
+                return checked, None, (
+                    f"the chain head records its last event at position {head.position}, but the last "
+                    f"event stored is at position {after}: events were deleted from the end")
             return checked, None, ""
         for row in rows:
             m = dict(row._mapping)

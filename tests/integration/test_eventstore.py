@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.events import NewEvent, patient_stream
@@ -99,3 +99,17 @@ async def test_verify_finds_the_first_tampered_event(engine: AsyncEngine) -> Non
     finally:  # put it back so later tests see a sound chain
         async with engine.begin() as conn:
             await conn.execute(update(events).where(events.c.event_id == str(stored[0].event_id)).values(data={"n": 1}))
+
+
+async def test_verify_finds_events_deleted_from_the_end(own_engine: AsyncEngine) -> None:
+    sid = stream()
+    async with own_engine.begin() as conn:
+        stored = await eventstore.append(conn, sid, [new(n=1), new(n=2), new(n=3)])
+    async with own_engine.begin() as conn:
+        await conn.execute(delete(events).where(events.c.event_id == str(stored[-1].event_id)))
+
+    async with own_engine.connect() as conn:
+        checked, bad, why = await eventstore.verify_chain(conn)
+
+    assert (checked, bad) == (2, None)
+    assert f"position {stored[-1].position}" in why and "deleted from the end" in why
