@@ -26,6 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from services.notify.charts import Chart, summary_charts
 from services.notify.labels import ENDPOINT_LABELS, INCIDENCE_LABELS, arm_label
+from services.notify.rendering import MAIL_POLICY
 from services.notify.summary import Summary
 
 SUBJECT = "[TrialWatch] DSMB safety summary — data as of {cutoff:%Y-%m-%d}"
@@ -38,7 +39,7 @@ def render_digest(
     cids = {chart.key: _content_id(chart.key, message_id) for chart in charts}
     context = {"s": summary, "charts": {c.key: c for c in charts}, "cids": cids}
 
-    msg = EmailMessage()
+    msg = EmailMessage(policy=MAIL_POLICY)
     msg["Subject"] = SUBJECT.format(cutoff=summary.data_cutoff)
     msg["From"] = mail_from
     msg["To"] = ", ".join(recipients)

@@ -1,3 +1,4 @@
+import email
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -183,3 +184,15 @@ def test_stopping_rule_subject_says_crossed_once_for_the_safety_services_titles(
     data = crossing_alert(protocol, status).model_dump(mode="json")
     mail = render(STOPPING_BOUNDARY_CROSSED, data)
     assert mail.subject == f"[TrialWatch] URGENT stopping rule crossed: {protocol.stopping_rules[0].title}"
+
+
+def test_a_long_subject_is_one_header_line_that_any_reader_reads_whole() -> None:
+    subject_id = "S01-" + "X" * 28  # the longest the contract allows: 32 characters
+    mail = render(ALERT_RAISED, raised(subject_id=subject_id, title="Grade III acute GVHD"))
+    message = compose(mail, mail_from="trialwatch@localhost", to="pi@example.org", message_id="<a.1@trialwatch>",
+                      date=RECORDED, severity="urgent")
+
+    raw = message.as_bytes()
+
+    assert f"Subject: {mail.subject}\n".encode() in raw
+    assert email.message_from_bytes(raw)["Subject"] == mail.subject  # compat32, the default reader
