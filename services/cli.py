@@ -141,10 +141,16 @@ def verify() -> None:
 @digest_app.command("send")
 def digest_send() -> None:
     """Send the DSMB summary now."""
+    from services.notify.digests import DigestNotSentError
     from services.runner import send_digest_now
 
     _logging()
-    result = asyncio.run(send_digest_now(_settings()))
+    try:
+        result = asyncio.run(send_digest_now(_settings()))
+    except DigestNotSentError as exc:
+        typer.echo(f"the DSMB summary was not sent ({exc}); nothing is queued: run this again once "
+                   "the SMTP server takes mail", err=True)
+        raise typer.Exit(1) from exc
     typer.echo(json.dumps(result))
 
 

@@ -8,6 +8,8 @@
 - The data cutoff of a scheduled summary is its fire time, and its figures are folded from what
   was *recorded* by then (the store is bitemporal), so a summary sent late after an outage shows
   the same numbers it would have shown on time.
+- ``trialwatch digest send`` answers there and then: if its mail fails, its period is marked
+  ``failed`` and never retried (the operator was told, and asks again).
 - A period that fell due while the notifier was down goes out on start, once; only the latest
   one (older ones are superseded) and never one before the notifier's first start.
 """
@@ -56,6 +58,10 @@ def latest_fire_time(cron: str, tz: str, now: datetime, *, not_before: datetime)
         latest = fire
         fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
     return latest
+
+
+class DigestNotSentError(Exception):
+    """``send_now`` failed; nothing was queued."""
 
 
 class DigestService:
@@ -145,8 +151,16 @@ class DigestService:
         return "sent"
 
     async def send_now(self, *, requested_by: str) -> dict[str, Any]:
+        """Send one summary now, or fail and leave nothing queued: the one who asked sees the
+        error and asks again (a queued copy would go out later as well, a second mail)."""
         key = f"manual:{uuid.uuid4()}"
-        status = await self.send(key, self.clock())
+        try:
+            status = await self.send(key, self.clock())
+        except Exception as exc:
+            async with self.engine.begin() as conn:
+                await conn.execute(update(digests).where(digests.c.period_key == key).values(
+                    status="failed", claimed_until=None))
+            raise DigestNotSentError(f"{type(exc).__name__}: {exc}") from exc
         return {"period_key": key, "status": status, "requested_by": requested_by}
 
     async def baseline(self) -> datetime:

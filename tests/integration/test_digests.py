@@ -24,7 +24,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.notify.capture import MailCapture
-from services.notify.digests import LEASE, DigestService, latest_fire_time
+from services.notify.digests import LEASE, DigestNotSentError, DigestService, latest_fire_time
 from services.notify.mailer import Mailer, MailerUnavailable, SmtpMailer
 from shared.clinical.grading import derive_data
 from shared.events import PATIENT_ENROLLED, ClinicalEventBody, Enrolment, NewEvent, patient_stream
@@ -252,6 +252,34 @@ async def test_smtp_down_leaves_the_period_unsent_and_a_later_retry_sends_it_onc
         assert cutoff_of(mail) == cutoff
         row = await row_of(engine, key)
         assert (row.status, row.claimed_by, row.attempts) == ("sent", "replica-b", 3)
+    finally:
+        await capture.stop()
+
+
+async def test_digest_send_that_fails_says_so_and_leaves_nothing_to_go_out_later(
+    engine: AsyncEngine, protocol: Protocol, data_dir: Path
+) -> None:
+    capture = MailCapture(data_dir / "later")
+    await capture.start()
+    await capture.stop()  # nothing listens on its port now
+    clock = Clock(now_utc())
+    cli = replica(engine, protocol, SmtpMailer.from_url(capture.url, timeout=2), clock, "cli")
+
+    # The operator's `trialwatch digest send` fails: it says so, and marks its period failed.
+    with pytest.raises(DigestNotSentError, match="MailerUnavailable"):
+        await cli.send_now(requested_by="cli")
+    async with engine.connect() as conn:
+        [failed] = (await conn.execute(select(digests).where(
+            digests.c.period_key.startswith("manual:"), digests.c.claimed_by == "cli"))).all()
+    assert failed.status == "failed"
+
+    # The running notifier's retries, once the server is back, do not send it behind their back.
+    await capture.start()
+    try:
+        clock.advance(minutes=10)
+        await replica(engine, protocol, SmtpMailer.from_url(capture.url, timeout=5), clock, "daemon").retry_unsent()
+        assert capture.messages() == []
+        assert (await row_of(engine, failed.period_key)).status == "failed"
     finally:
         await capture.stop()
 
