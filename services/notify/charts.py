@@ -83,6 +83,12 @@ def boundary_chart(rule: RuleSnapshot) -> bytes:
         ax.stairs(stops, edges, baseline=None, color="#444444", linewidth=1.8, label="Stopping boundary (events that stop)")
         ax.set_ylim(0, top)
     colour = "#c0392b" if rule.crossed else "#1f5fa8"
+    if rule.path:  # the trial's own path, look by look: where it crossed, if it did
+        ax.step(range(0, len(rule.path) + 1), [0, *rule.path], where="post", color=colour, linewidth=1.2,
+                alpha=0.7, label="Events among the first n evaluable")
+    if rule.crossed_at_look is not None and rule.events_at_crossing is not None:
+        ax.plot([rule.crossed_at_look], [rule.events_at_crossing], "X", color="#c0392b", markersize=10,
+                label=f"Crossed at {rule.events_at_crossing} / {rule.crossed_at_look}")
     status = "crossed" if rule.crossed else "not crossed"
     ax.plot([rule.evaluable], [rule.events], "o", color=colour, markersize=8,
             label=f"Now: {rule.events} / {rule.evaluable} evaluable ({status})")

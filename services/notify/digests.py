@@ -88,6 +88,7 @@ class DigestService:
                 rule_id=s.rule.id, title=s.rule.title, evaluable=s.evaluable, events=s.events,
                 stop_at=s.stop_at, crossed=s.crossed,
                 looks=tuple((look.n, look.stop_at) for look in s.boundary.looks),
+                crossed_at_look=s.crossed_at_look, events_at_crossing=s.events_at_crossing, path=s.path,
             )
             for s in evaluate_rules(self.protocol, states)
         ]

@@ -25,7 +25,9 @@ ARMS: tuple[str, ...] = get_args(Arm)
 
 @dataclass(frozen=True)
 class RuleSnapshot:
-    """A stopping rule as of the cutoff; ``looks`` is its boundary as (patients evaluated, stop_at)."""
+    """A stopping rule as of the cutoff; ``looks`` is its boundary as (patients evaluated, stop_at);
+    ``path`` the events among the first n evaluable patients, n = 1, 2, ... A crossing stays
+    crossed (``shared/clinical/stopping.py``): ``crossed_at_look`` says at which n it happened."""
 
     rule_id: str
     title: str
@@ -34,6 +36,9 @@ class RuleSnapshot:
     stop_at: int | None
     crossed: bool
     looks: tuple[tuple[int, int | None], ...]
+    crossed_at_look: int | None = None
+    events_at_crossing: int | None = None
+    path: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ def _rule_json(rule: RuleSnapshot) -> dict[str, Any]:
         "events": rule.events,
         "stop_at": rule.stop_at,
         "crossed": rule.crossed,
+        "crossed_at_look": rule.crossed_at_look,
+        "events_at_crossing": rule.events_at_crossing,
         "title": rule.title,
         "looks": [{"n": n, "stop_at": stop_at} for n, stop_at in rule.looks],
     }

@@ -57,6 +57,7 @@ class RuleStatus:
     crossed_at_look: int | None = None  # n at the first crossing
     events_at_crossing: int | None = None
     event_subjects: tuple[str, ...] = field(default=())
+    path: tuple[int, ...] = ()  # events among the first n evaluable patients, n = 1, 2, ...
 
     @property
     def status(self) -> str:
@@ -96,9 +97,10 @@ def evaluate_rule(rule: StoppingRule, patients: Sequence[EvaluablePatient]) -> R
             event, when = status
             path.append((when, patient.subject_id, event))
     path.sort()
-    events, crossed_at, events_at = 0, None, None
+    events, crossed_at, events_at, cumulative = 0, None, None, []
     for n, (_, _, event) in enumerate(path, start=1):
         events += event
+        cumulative.append(events)
         stop_at = boundary.stop_at(n)
         if crossed_at is None and stop_at is not None and events >= stop_at:
             crossed_at, events_at = n, events
@@ -112,6 +114,7 @@ def evaluate_rule(rule: StoppingRule, patients: Sequence[EvaluablePatient]) -> R
         crossed_at_look=crossed_at,
         events_at_crossing=events_at,
         event_subjects=tuple(subject for _, subject, event in path if event),
+        path=tuple(cumulative),
     )
 
 

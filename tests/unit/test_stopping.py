@@ -154,6 +154,7 @@ def test_a_crossing_stays_crossed_as_patients_without_the_event_arrive() -> None
     assert (status.evaluable, status.events, status.stop_at) == (27, 2, 7)
     assert status.crossed and status.crossed_at_look == 2 and status.events_at_crossing == 2
     assert status.status == "crossed"
+    assert status.path == (1, 2, *([2] * 25))  # what the DSMB chart draws, look by look
 
 
 def test_removing_an_event_as_a_correction_would_undoes_the_crossing() -> None:

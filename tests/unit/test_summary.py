@@ -66,7 +66,7 @@ RULES = (
     RuleSnapshot("crs_grade_3_plus", "Grade >= 3 CRS within the 2-week window", 5, 2, 3, False,
                  ((1, None), (2, 2), (3, 2), (4, 3), (5, 3), (6, 3))),
     RuleSnapshot("nrm_100d", "Death not caused by relapse within 100 days of DLI", 3, 3, 2, True,
-                 ((1, None), (2, 2), (3, 2))),
+                 ((1, None), (2, 2), (3, 2)), crossed_at_look=2, events_at_crossing=2, path=(1, 2, 3)),
 )
 
 
@@ -246,6 +246,9 @@ def test_summary_json_attachment_has_the_contract_keys(parsed, summary):
     assert set(document) == CONTRACT_KEYS | ADDED_KEYS
     assert document == json.loads(json.dumps(summary.to_json()))
     assert set(document["stopping_rules"][0]) >= {"rule_id", "evaluable", "events", "stop_at", "crossed"}
+    # A crossing stays crossed; when it happened is said beside it.
+    nrm = next(r for r in document["stopping_rules"] if r["rule_id"] == "nrm_100d")
+    assert (nrm["crossed"], nrm["crossed_at_look"], nrm["events_at_crossing"]) == (True, 2, 2)
 
 
 def test_text_part_holds_every_figure_as_a_table(parsed):
@@ -253,7 +256,7 @@ def test_text_part_holds_every_figure_as_a_table(parsed):
     assert "Data as of: 2026-11-23" in text and "Date of report: 2026-11-23" in text
     assert re.search(r"CRS, grade >= 3 \(2 weeks\)\s+Blinatumomab \+ DLI\s+2 / 5\s+40\.0%\s+5\.3.85\.3%", text)
     assert re.search(r"crs_grade_3_plus\s+2 / 5\s+3\s+not crossed", text)
-    assert re.search(r"nrm_100d\s+3 / 3\s+2\s+CROSSED", text)
+    assert re.search(r"nrm_100d\s+3 / 3\s+2\s+CROSSED at 2 / 2", text)
     assert re.search(r"Overall survival\s+Blinatumomab \+ DLI\s+6\s+3\s+600\s+41\.7%", text)
     # Usual-care DFS reaches 0 at day 300 (its last patient at risk relapsed): 0% at 3 years, no interval.
     assert re.search(r"Disease-free survival\s+Usual care\s+4\s+3\s+190\s+0\.0%\s+—", text)
