@@ -15,15 +15,64 @@ moved only by what staff record.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 SubjectId = Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,32}$")]
 NAMESPACE = uuid.UUID("6f1c2a5e-3b7d-4c1e-9a57-2d6f0b8e4c11")
+
+# --------------------------------------------------------------------------- field types
+#
+# FastAPI validates the decoded JSON in pydantic's lax python mode, which would take a Unix number
+# for a time, "2025-03-02T00:00:00" for a date, true or "34" for an integer and "yes" for a boolean.
+# Bodies take JSON's own types only (CONTRACT.md section 2): times and dates are ISO 8601 text.
+# Python callers may still pass datetime and date objects.
+
+_ISO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _iso_time(value: object) -> object:
+    if isinstance(value, datetime) or (isinstance(value, str) and _ISO_TIME.match(value)):
+        return value
+    raise PydanticCustomError("iso_time", "Input should be an ISO 8601 time with an offset as a string, "
+                                          "e.g. 2025-11-24T09:30:00+08:00")
+
+
+def _iso_date(value: object) -> object:
+    if (isinstance(value, date) and not isinstance(value, datetime)) or (
+            isinstance(value, str) and _ISO_DATE.match(value)):
+        return value
+    raise PydanticCustomError("iso_date", "Input should be a date as a YYYY-MM-DD string")
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank_string", "Input should not be blank")
+    return value
+
+
+IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_time)]
+IsoDate = Annotated[date, BeforeValidator(_iso_date)]
+Integer = Annotated[int, Strict()]  # no booleans, no numeric strings, no 2.0
+Number = Annotated[float, Strict()]  # an int or a float; no strings, no booleans
+Flag = Annotated[bool, Strict()]  # true or false only
+Text = Annotated[str, AfterValidator(_not_blank)]
 
 
 class Frozen(BaseModel):
@@ -36,17 +85,19 @@ class Frozen(BaseModel):
 class Eligibility(Frozen):
     """The seed protocol's criteria; ``True`` on an exclusion criterion makes a patient ineligible."""
 
-    stable_vital_signs: bool
-    severe_infection: bool
-    gvhd_grade_2_to_4: bool
-    organ_failure: bool
-    cns_leukemia: bool
-    drug_allergy: bool
+    stable_vital_signs: Flag
+    severe_infection: Flag
+    gvhd_grade_2_to_4: Flag
+    organ_failure: Flag
+    cns_leukemia: Flag
+    drug_allergy: Flag
 
 
 class EligibilityOverride(Frozen):
-    reason: str = Field(min_length=1)
-    approved_by: str = Field(min_length=1)
+    """Who enrolled an ineligible patient anyway, and why: both must say something."""
+
+    reason: Text = Field(min_length=1, max_length=2000)
+    approved_by: Text = Field(min_length=1, max_length=200)
 
 
 Cohort = Literal["mrd_positive", "hematologic_relapse"]
@@ -57,12 +108,12 @@ class Enrolment(Frozen):
     subject_id: SubjectId
     site_id: str = Field(min_length=1, max_length=32)
     arm: Arm = "blinatumomab_dli"
-    enrolled_at: AwareDatetime | None = None
-    age_years: float = Field(ge=0, le=120)
-    weight_kg: float = Field(gt=0, le=400)
+    enrolled_at: IsoTime | None = None
+    age_years: Number = Field(ge=0, le=120)
+    weight_kg: Number = Field(gt=0, le=400)
     cohort: Cohort
-    transplant_date: date
-    relapse_date: date
+    transplant_date: IsoDate
+    relapse_date: IsoDate
     eligibility: Eligibility
     eligibility_override: EligibilityOverride | None = None
 
@@ -77,19 +128,19 @@ class Enrolment(Frozen):
 
 
 class _Body(Frozen):
-    occurred_at: AwareDatetime
+    occurred_at: IsoTime
 
 
 class BlinatumomabDose(_Body):
     type: Literal["blinatumomab_dose"]
-    course: int = Field(ge=1, le=2)
-    day: int = Field(ge=1, le=28)
-    dose_ug: float = Field(gt=0)
+    course: Integer = Field(ge=1, le=2)
+    day: Integer = Field(ge=1, le=28)
+    dose_ug: Number = Field(gt=0)
 
 
 class Dli(_Body):
     type: Literal["dli"]
-    mnc_per_kg: float = Field(gt=0)
+    mnc_per_kg: Number = Field(gt=0)
 
 
 Oxygen = Literal[
@@ -106,23 +157,32 @@ Oxygen = Literal[
 
 
 class Crs(_Body):
-    """A grade 1-4, or the ASTCT observations the grade is derived from."""
+    """A grade 1-4, or the ASTCT observations the grade is derived from.
+
+    Deriving a grade takes all of ``OBSERVATIONS`` (ingest refuses a derived grade without them);
+    ``vasopressin`` and ``anticytokine_given`` are optional.
+    """
+
+    OBSERVATIONS: ClassVar[tuple[str, ...]] = ("max_temp_c", "hypotension", "vasopressors", "oxygen")
+    OPTIONAL_OBSERVATIONS: ClassVar[tuple[str, ...]] = ("vasopressin", "anticytokine_given")
 
     type: Literal["crs"]
-    grade: int | None = Field(default=None, ge=1, le=4)
-    max_temp_c: float | None = Field(default=None, ge=30, le=45)
-    hypotension: bool | None = None
-    vasopressors: int | None = Field(default=None, ge=0, le=10)
-    vasopressin: bool | None = None
+    grade: Integer | None = Field(default=None, ge=1, le=4)
+    max_temp_c: Number | None = Field(default=None, ge=30, le=45)
+    hypotension: Flag | None = None
+    vasopressors: Integer | None = Field(default=None, ge=0, le=10)
+    vasopressin: Flag | None = None
     oxygen: Oxygen | None = None
-    anticytokine_given: bool | None = None
+    anticytokine_given: Flag | None = None
 
     @property
     def has_observations(self) -> bool:
-        return any(
-            v is not None
-            for v in (self.max_temp_c, self.hypotension, self.vasopressors, self.oxygen)
-        )
+        return any(getattr(self, name) is not None for name in self.OBSERVATIONS)
+
+    @property
+    def given_observations(self) -> tuple[str, ...]:
+        """The observation fields this body carries, in the schema's order."""
+        return tuple(n for n in (*self.OBSERVATIONS, *self.OPTIONAL_OBSERVATIONS) if getattr(self, n) is not None)
 
     @model_validator(mode="after")
     def _grade_or_observations(self) -> Crs:
@@ -136,30 +196,34 @@ class Crs(_Body):
 
 class Icans(_Body):
     type: Literal["icans"]
-    grade: int = Field(ge=1, le=4)
+    grade: Integer = Field(ge=1, le=4)
 
 
 class Gvhd(_Body):
     """Acute: a MAGIC grade 1-4 or the organ findings; chronic: the NIH global severity."""
 
+    FINDINGS: ClassVar[tuple[str, ...]] = ("skin_bsa_pct", "bullae", "bilirubin_mg_dl", "upper_gi", "stool_ml_day",
+                                           "severe_abdominal_pain")
+
     type: Literal["gvhd"]
     form: Literal["acute", "chronic"]
-    grade: int | None = Field(default=None, ge=1, le=4)
-    skin_bsa_pct: float | None = Field(default=None, ge=0, le=100)
-    bullae: bool | None = None
-    bilirubin_mg_dl: float | None = Field(default=None, ge=0, le=100)
-    upper_gi: bool | None = None
-    stool_ml_day: float | None = Field(default=None, ge=0, le=20000)
-    severe_abdominal_pain: bool | None = None
+    grade: Integer | None = Field(default=None, ge=1, le=4)
+    skin_bsa_pct: Number | None = Field(default=None, ge=0, le=100)
+    bullae: Flag | None = None
+    bilirubin_mg_dl: Number | None = Field(default=None, ge=0, le=100)
+    upper_gi: Flag | None = None
+    stool_ml_day: Number | None = Field(default=None, ge=0, le=20000)
+    severe_abdominal_pain: Flag | None = None
     severity: Literal["mild", "moderate", "severe"] | None = None
 
     @property
     def has_findings(self) -> bool:
-        return any(
-            v is not None
-            for v in (self.skin_bsa_pct, self.bullae, self.bilirubin_mg_dl, self.upper_gi,
-                      self.stool_ml_day, self.severe_abdominal_pain)
-        )
+        return bool(self.given_findings)
+
+    @property
+    def given_findings(self) -> tuple[str, ...]:
+        """The organ-finding fields this body carries, in the schema's order."""
+        return tuple(n for n in self.FINDINGS if getattr(self, n) is not None)
 
     @model_validator(mode="after")
     def _form_fields(self) -> Gvhd:
@@ -179,7 +243,7 @@ class Gvhd(_Body):
 
 class Infection(_Body):
     type: Literal["infection"]
-    grade: int = Field(ge=1, le=5)
+    grade: Integer = Field(ge=1, le=5)
     site: str = Field(min_length=1, max_length=200)
     organism: str | None = Field(default=None, max_length=200)
 
@@ -193,9 +257,9 @@ HEMOGLOBIN_UNITS = ("g/dL", "g/L")
 class Lab(_Body):
     type: Literal["lab"]
     test: LabTest
-    value: float = Field(ge=0)
+    value: Number = Field(ge=0)
     unit: LabUnit
-    lln: float | None = Field(default=None, gt=0)
+    lln: Number | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _unit_fits_test(self) -> Lab:
@@ -207,14 +271,8 @@ class Lab(_Body):
 
 class DiseaseAssessment(_Body):
     type: Literal["disease_assessment"]
-    mrd: Literal["positive", "negative"] | None = None
-    response: Literal["cr", "cri", "pr", "nr"] | None = None
-
-    @model_validator(mode="after")
-    def _something_assessed(self) -> DiseaseAssessment:
-        if self.mrd is None and self.response is None:
-            raise ValueError("give mrd and/or response")
-        return self
+    mrd: Literal["positive", "negative"]
+    response: Literal["cr", "cri", "pr", "nr"]
 
 
 class Relapse(_Body):

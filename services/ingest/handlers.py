@@ -14,11 +14,17 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.ingest.domain.acceptance import amendment_problems, not_ahead, time_problems
+from services.ingest.domain.acceptance import (
+    amendment_problems,
+    grade_conflict_problems,
+    missing_observations,
+    not_ahead,
+    time_problems,
+)
 from services.ingest.domain.access import check_site, enrolled_site
+from services.ingest.domain.death import after_death_problems, describe, recorded_death
 from services.ingest.domain.eligibility import failed_criteria
 from services.ingest.domain.errors import (
-    FieldProblem,
     Invalid,
     PatientExists,
     UnknownAlert,
@@ -32,7 +38,6 @@ from shared.events import (
     DIGEST_STREAM,
     PATIENT_ENROLLED,
     AlertAcknowledged,
-    Correction,
     Enrolment,
     NewEvent,
     StoredEvent,
@@ -101,7 +106,8 @@ async def enrol(conn: AsyncConnection, cmd: Enrol, *, protocol: Protocol, now: d
     event = NewEvent(type=PATIENT_ENROLLED, subject_id=e.subject_id, occurred_at=enrolled_at,
                      recorded_by=cmd.recorded_by, data=data)
     try:
-        [stored] = await eventstore.append(conn, patient_stream(e.subject_id), [event], expected_version=0)
+        [stored] = await eventstore.append(conn, patient_stream(e.subject_id), [event], expected_version=0,
+                                           recorded_at=now)
     except WrongExpectedVersion as exc:
         raise PatientExists(e.subject_id) from exc
     return stored
@@ -114,33 +120,51 @@ async def record_event(conn: AsyncConnection, cmd: RecordEvent, *, protocol: Pro
     - The patient must be enrolled (404), at the caller's site for a site's staff (403).
     - ``occurred_at`` at most 5 minutes ahead; corrections and retractions point at a live
       observation of this patient (``domain/acceptance.py``).
+    - A CRS grade derived from observations needs all four of them, each missing one named.
     - Derived grades are stored beside the observations; a posted grade the observations
-      contradict is refused, naming the grade.
+      contradict is refused, naming the grade and the observations.
+    - After the recorded death nothing clinical is accepted, not even a second death; corrections
+      and retractions still are (``domain/death.py``).
     - With ``If-Match`` the stream must still be at that version (412), else nothing is stored.
+
+    The decision rests on the history read here, so the append expects the version read: should
+    another event slip in first, the stream is read again under the store's lock and decided anew.
     """
-    history = await eventstore.read_stream(conn, patient_stream(cmd.subject_id))
+    stream = patient_stream(cmd.subject_id)
+    for _ in range(3):
+        history = await eventstore.read_stream(conn, stream)
+        event = _decide(cmd, history, protocol=protocol, now=now)
+        try:
+            [stored] = await eventstore.append(conn, stream, [event], expected_version=history[-1].stream_version,
+                                               recorded_at=now)
+        except WrongExpectedVersion as exc:
+            if cmd.expected_version is not None:
+                raise VersionMismatch(cmd.subject_id, cmd.expected_version, exc.actual) from exc
+            continue
+        return stored
+    raise RuntimeError(f"patient {cmd.subject_id} keeps changing; try again")
+
+
+def _decide(cmd: RecordEvent, history: list[StoredEvent], *, protocol: Protocol, now: datetime) -> NewEvent:
+    """The event to append after ``history``, or ``Invalid`` naming every problem."""
     check_site(cmd.site_scope, enrolled_site(cmd.subject_id, history), f"patient {cmd.subject_id}")
     expected, actual = cmd.expected_version, history[-1].stream_version
     if expected is not None and expected != actual:  # checked again under the store's lock
         raise VersionMismatch(cmd.subject_id, expected, actual)
-    problems = time_problems(cmd.body, now) + amendment_problems(cmd.body, history)
+    death = recorded_death(history, protocol.tz)
+    after_death = after_death_problems(cmd.body, death)
+    problems = time_problems(cmd.body, now) + amendment_problems(cmd.body, history) + missing_observations(cmd.body)
     data: dict[str, Any] = {}
     try:
         data = derive_data(cmd.body, protocol)
     except GradeConflict as exc:
-        problems.append(FieldProblem("replacement.grade" if isinstance(cmd.body, Correction) else "grade",
-                                     str(exc)))
-    if problems:
-        raise Invalid(problems, "the event cannot be recorded: " + ", ".join(p.path for p in problems))
-    event = NewEvent(type=cmd.body.type, subject_id=cmd.subject_id,  # type: ignore[attr-defined]
-                     occurred_at=cmd.body.occurred_at,  # type: ignore[attr-defined]
-                     recorded_by=cmd.recorded_by, data=data)
-    try:
-        [stored] = await eventstore.append(conn, patient_stream(cmd.subject_id), [event],
-                                           expected_version=cmd.expected_version)
-    except WrongExpectedVersion as exc:
-        raise VersionMismatch(cmd.subject_id, exc.expected, exc.actual) from exc
-    return stored
+        problems += grade_conflict_problems(cmd.body, exc)
+    if problems := after_death + problems:
+        why = f"; {describe(death)}" if after_death and death else ""
+        raise Invalid(problems, "the event cannot be recorded: " + ", ".join(p.path for p in problems) + why)
+    return NewEvent(type=cmd.body.type, subject_id=cmd.subject_id,  # type: ignore[attr-defined]
+                    occurred_at=cmd.body.occurred_at,  # type: ignore[attr-defined]
+                    recorded_by=cmd.recorded_by, data=data)
 
 
 async def _alert(conn: AsyncConnection, alert_id: uuid.UUID) -> AlertView:
@@ -165,7 +189,7 @@ async def acknowledge_alert(conn: AsyncConnection, cmd: AcknowledgeAlert, *, now
                          recorded_by=cmd.acknowledged_by, data=data)
         try:
             [stored] = await eventstore.append(conn, alert_stream(cmd.alert_id), [event],
-                                               expected_version=view.version)
+                                               expected_version=view.version, recorded_at=now)
         except WrongExpectedVersion:
             continue
         return Acknowledged(await _alert(conn, cmd.alert_id), stored)
@@ -176,5 +200,5 @@ async def request_digest(conn: AsyncConnection, cmd: RequestDigest, *, now: date
     """Ask the notify service for the DSMB summary now: an event it consumes, nothing sent here."""
     event = NewEvent(type=DIGEST_REQUESTED, occurred_at=now, recorded_by=cmd.requested_by,
                      data={"requested_by": cmd.requested_by})
-    [stored] = await eventstore.append(conn, DIGEST_STREAM, [event])
+    [stored] = await eventstore.append(conn, DIGEST_STREAM, [event], recorded_at=now)
     return stored

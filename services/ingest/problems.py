@@ -119,6 +119,22 @@ def field_problems(errors: Iterable[Mapping[str, Any]]) -> list[FieldProblem]:
     return found
 
 
+def is_json(content_type: str | None) -> bool:
+    """``application/json`` or a ``+json`` type, parameters (``charset``) aside."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def content_type_problem(content_type: str | None, errors: Iterable[Mapping[str, Any]]) -> FieldProblem | None:
+    """A body FastAPI did not read as JSON (its Content-Type is not JSON) fails as "not a dictionary";
+    say what is wrong instead: the request, not its fields."""
+    if is_json(content_type) or not any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors):
+        return None
+    sent = f"Content-Type: {content_type}" if content_type else "no Content-Type"
+    return FieldProblem("", f"the body must be JSON sent with Content-Type: application/json; this request "
+                            f"was sent with {sent}")
+
+
 # --------------------------------------------------------------------------- handlers
 
 def install(app: FastAPI, known: Mapping[type[Exception], Known]) -> None:
@@ -131,6 +147,8 @@ def install(app: FastAPI, known: Mapping[type[Exception], Known]) -> None:
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = field_problems(exc.errors())
+        if not_json := content_type_problem(request.headers.get("content-type"), exc.errors()):
+            return problem(422, not_json.message, slug="validation", title="Invalid request", errors=[not_json])
         return problem(422, "the request is not valid: " + ", ".join(e.path or "(body)" for e in errors),
                        slug="validation", title="Invalid request", errors=errors)
 

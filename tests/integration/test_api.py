@@ -164,6 +164,25 @@ async def test_malformed_json_is_422(client: httpx.AsyncClient, tokens: dict[str
     assert answer.status_code == 422 and answer.headers["content-type"].startswith(PROBLEM)
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+async def test_a_json_body_without_a_json_content_type_is_422_saying_so(
+        client: httpx.AsyncClient, tokens: dict[str, str], content_type: str | None) -> None:
+    subject_id = await enrol(client, tokens["admin"])
+    headers = bearer(tokens["admin"], **({"Content-Type": content_type} if content_type else {}))
+    sent = b'{"type": "relapse", "occurred_at": "2025-12-01T10:00:00+08:00"}'  # what curl -d sends
+    answer = await client.post(f"/v1/patients/{subject_id}/events", content=sent, headers=headers)
+    assert answer.status_code == 422 and answer.headers["content-type"].startswith(PROBLEM)
+    problem = answer.json()
+    assert "Content-Type: application/json" in problem["detail"]
+    assert [e["path"] for e in problem["errors"]] == [""]
+    assert (content_type or "no Content-Type") in problem["errors"][0]["message"]
+    # The same bytes as JSON are recorded; a +json type or a charset is JSON too.
+    for json_type in ("application/json", "application/json; charset=utf-8"):
+        stored = await client.post(f"/v1/patients/{subject_id}/events", content=sent,
+                                   headers=bearer(tokens["admin"], **{"Content-Type": json_type}))
+        assert stored.status_code == 201
+
+
 async def test_a_store_that_cannot_be_reached_is_503_not_a_stack_trace(
         settings: Settings, protocol: Protocol, tmp_path: Any) -> None:
     broken = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/db.sqlite")

@@ -107,15 +107,91 @@ async def test_derived_grades_are_stored_beside_the_observations(
     assert gvhd.json()["data"]["scale"] == "MAGIC-2016" and "stages" in gvhd.json()["data"]
 
 
-async def test_a_grade_contradicting_the_observations_is_422_naming_grade(
+async def test_a_grade_contradicting_the_observations_is_422_naming_grade_and_observations(
         client: httpx.AsyncClient, engine: AsyncEngine, tokens: dict[str, str], patient: str) -> None:
     answer = await post_event(client, tokens["staff_s01"], patient,
                               body("crs", {"grade": 1, "max_temp_c": 39.0, "hypotension": True, "vasopressors": 2,
                                            "oxygen": "none"}))
-    assert answer.status_code == 422 and paths(answer) == ["grade"]
-    assert "derive" in answer.json()["errors"][0]["message"]
+    assert answer.status_code == 422
+    assert paths(answer) == ["grade", "max_temp_c", "hypotension", "vasopressors", "oxygen"]
+    grade = answer.json()["errors"][0]["message"]
+    assert "derive grade 4" in grade and "max_temp_c, hypotension, vasopressors, oxygen" in grade
+    # Acute GVHD: the organ findings given are named beside the grade (stage-3 skin alone is grade II).
+    gvhd = await post_event(client, tokens["staff_s01"], patient,
+                            body("gvhd", {"form": "acute", "grade": 3, "skin_bsa_pct": 60, "upper_gi": False}))
+    assert gvhd.status_code == 422 and paths(gvhd) == ["grade", "skin_bsa_pct", "upper_gi"]
     async with engine.connect() as conn:
         assert len(await eventstore.read_stream(conn, f"patient-{patient}")) == 1
+
+
+async def test_a_grade_derived_from_observations_needs_every_observation(
+        client: httpx.AsyncClient, engine: AsyncEngine, tokens: dict[str, str], patient: str) -> None:
+    token = tokens["staff_s01"]
+    fever_only = await post_event(client, token, patient, body("crs", {"max_temp_c": 38.5}))
+    assert fever_only.status_code == 422
+    assert paths(fever_only) == ["hypotension", "vasopressors", "oxygen"]
+    # vasopressin and anticytokine_given are optional; max_temp_c is not, even under tocilizumab.
+    treated = await post_event(client, token, patient, body("crs", {"anticytokine_given": True, "hypotension": False,
+                                                                    "vasopressors": 0, "oxygen": "none"}))
+    assert treated.status_code == 422 and paths(treated) == ["max_temp_c"]
+    complete = await post_event(client, token, patient, body("crs", {"max_temp_c": 38.5, "hypotension": False,
+                                                                     "vasopressors": 0, "oxygen": "none"}))
+    assert complete.status_code == 201 and complete.json()["data"]["grade"] == 1
+    # A disease assessment has both its fields.
+    for given, missing in (({"mrd": "negative"}, ["response"]), ({"response": "cr"}, ["mrd"]),
+                           ({}, ["mrd", "response"])):
+        answer = await post_event(client, token, patient, body("disease_assessment", given))
+        assert answer.status_code == 422 and sorted(paths(answer)) == missing, given
+    async with engine.connect() as conn:
+        assert len(await eventstore.read_stream(conn, f"patient-{patient}")) == 2
+
+
+# Lax input pydantic would coerce: (type, fields, the path named).
+LAX = [
+    ("relapse", {"occurred_at": 1762300000}, "occurred_at"),
+    ("relapse", {"occurred_at": 1762300000.5}, "occurred_at"),
+    ("relapse", {"occurred_at": "1762300000"}, "occurred_at"),
+    ("relapse", {"occurred_at": "2025-12-01"}, "occurred_at"),
+    ("blinatumomab_dose", {"course": True, "day": 1, "dose_ug": 9.0}, "course"),
+    ("blinatumomab_dose", {"course": 1, "day": "3", "dose_ug": 9.0}, "day"),
+    ("blinatumomab_dose", {"course": 1, "day": 3.0, "dose_ug": 9.0}, "day"),
+    ("blinatumomab_dose", {"course": 1, "day": 3, "dose_ug": "9.0"}, "dose_ug"),
+    ("blinatumomab_dose", {"course": 1, "day": 3, "dose_ug": True}, "dose_ug"),
+    ("dli", {"mnc_per_kg": "7.5e7"}, "mnc_per_kg"),
+    ("crs", {"grade": "2"}, "grade"),
+    ("crs", {"grade": True}, "grade"),
+    ("crs", {"max_temp_c": "38.5", "hypotension": False, "vasopressors": 0, "oxygen": "none"}, "max_temp_c"),
+    ("crs", {"max_temp_c": 38.5, "hypotension": "yes", "vasopressors": 0, "oxygen": "none"}, "hypotension"),
+    ("crs", {"max_temp_c": 38.5, "hypotension": 0, "vasopressors": 0, "oxygen": "none"}, "hypotension"),
+    ("icans", {"grade": "1"}, "grade"),
+    ("gvhd", {"form": "acute", "skin_bsa_pct": "60"}, "skin_bsa_pct"),
+    ("infection", {"grade": False, "site": "lung"}, "grade"),
+    ("lab", {"test": "neutrophils", "value": "0.4", "unit": "10^9/L"}, "value"),
+    ("lab", {"test": "neutrophils", "value": 0.4, "unit": "10^9/L", "lln": "1.8"}, "lln"),
+]
+
+
+@pytest.mark.parametrize("kind,fields,path", LAX)
+async def test_lax_input_is_422_naming_the_field(
+        client: httpx.AsyncClient, tokens: dict[str, str], patient: str, kind: str, fields: dict[str, Any],
+        path: str) -> None:
+    answer = await post_event(client, tokens["staff_s01"], patient, body(kind, fields))
+    assert answer.status_code == 422, answer.text
+    assert paths(answer) == [path]
+    # The same field inside a correction's replacement is named under it.
+    fix = await post_event(client, tokens["staff_s01"], patient, body("correction", {
+        "corrects_event_id": str(uuid.uuid4()), "reason": "x", "replacement": body(kind, fields)}))
+    assert fix.status_code == 422 and paths(fix) == [f"replacement.{path}"]
+
+
+async def test_json_numbers_and_iso_times_stay_accepted(
+        client: httpx.AsyncClient, tokens: dict[str, str], patient: str) -> None:
+    token = tokens["staff_s01"]
+    dose = await post_event(client, token, patient, body("blinatumomab_dose", {"course": 1, "day": 1, "dose_ug": 9}))
+    assert dose.status_code == 201 and dose.json()["data"]["dose_ug"] == 9.0
+    dli = await post_event(client, token, patient, {"type": "dli", "occurred_at": "2025-12-01 10:00:00Z",
+                                                    "mnc_per_kg": 75000000})
+    assert dli.status_code == 201 and dli.json()["data"]["mnc_per_kg"] == 7.5e7
 
 
 async def test_times_need_an_offset_and_may_not_lie_ahead(
@@ -216,7 +292,7 @@ async def test_a_correction_replaces_an_observation_of_the_same_type(
     crs = (await post_event(client, token, patient, body("crs", {"grade": 1}))).json()
     corrected = await post_event(client, token, patient, body("correction", {
         "corrects_event_id": crs["event_id"], "reason": "grade was 3",
-        "replacement": body("crs", {"max_temp_c": 39.0, "hypotension": True, "vasopressors": 1})}))
+        "replacement": body("crs", {"max_temp_c": 39.0, "hypotension": True, "vasopressors": 1, "oxygen": "none"})}))
     assert corrected.status_code == 201
     assert corrected.json()["data"]["replacement"]["grade"] == 3
     other_type = await post_event(client, token, patient, body("correction", {
@@ -225,7 +301,12 @@ async def test_a_correction_replaces_an_observation_of_the_same_type(
     conflict = await post_event(client, token, patient, body("correction", {
         "corrects_event_id": crs["event_id"], "reason": "x",
         "replacement": body("crs", {"grade": 1, "max_temp_c": 39.0, "vasopressors": 2})}))
-    assert conflict.status_code == 422 and paths(conflict) == ["replacement.grade"]
+    assert conflict.status_code == 422
+    assert paths(conflict) == ["replacement.grade", "replacement.max_temp_c", "replacement.vasopressors"]
+    incomplete = await post_event(client, token, patient, body("correction", {
+        "corrects_event_id": crs["event_id"], "reason": "x", "replacement": body("crs", {"max_temp_c": 39.0})}))
+    assert incomplete.status_code == 422
+    assert paths(incomplete) == ["replacement.hypotension", "replacement.vasopressors", "replacement.oxygen"]
     ahead = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     future = await post_event(client, token, patient, body("correction", {
         "corrects_event_id": crs["event_id"], "reason": "x",
@@ -286,3 +367,64 @@ async def test_concurrent_enrolments_of_one_subject_store_one(
     answers = await asyncio.gather(*(client.post("/v1/patients", json=body_, headers=bearer(tokens["admin"]))
                                      for _ in range(4)))
     assert sorted(a.status_code for a in answers) == [201, 409, 409, 409]
+
+
+# --------------------------------------------------------------------------- death
+
+
+async def test_nothing_clinical_is_accepted_after_the_recorded_death(
+        client: httpx.AsyncClient, tokens: dict[str, str], patient: str) -> None:
+    token = tokens["staff_s01"]
+    death = (await post_event(client, token, patient, body("death", {"cause": "infection"}))).json()
+
+    # A second death, and clinical events after the death, are refused naming the recorded death.
+    again = await post_event(client, token, patient, body("death", {"cause": "other"}))
+    assert again.status_code == 422 and paths(again) == ["type"]
+    assert death["event_id"] in again.json()["detail"] and "2025-12-01" in again.json()["detail"]
+    for kind, fields in (("crs", {"grade": 1}), ("follow_up", {}), ("lab", {"test": "wbc", "value": 5, "unit": "10^9/L"})):
+        later = await post_event(client, token, patient, {"type": kind, "occurred_at": "2025-12-02T10:00:00+08:00",
+                                                          **fields})
+        assert later.status_code == 422 and paths(later) == ["occurred_at"], kind
+        assert death["event_id"] in later.json()["detail"]
+
+    # Late entries from before the death (or its very moment) are still welcome.
+    before = await post_event(client, token, patient, {"type": "crs", "grade": 2,
+                                                       "occurred_at": "2025-11-30T10:00:00+08:00"})
+    assert before.status_code == 201
+    assert (await post_event(client, token, patient, body("infection", {"grade": 5, "site": "lung"}))).status_code == 201
+    # Corrections and retractions are always let through: they fix the record.
+    regraded = await post_event(client, token, patient, body("correction", {
+        "corrects_event_id": before.json()["event_id"], "reason": "regraded",
+        "replacement": {"type": "crs", "grade": 3, "occurred_at": "2025-11-30T10:00:00+08:00"}}))
+    assert regraded.status_code == 201
+
+    # The death was two days later: what happened before the corrected date is now acceptable.
+    moved = await post_event(client, token, patient, body("correction", {
+        "corrects_event_id": death["event_id"], "reason": "wrong date",
+        "replacement": {"type": "death", "cause": "infection", "occurred_at": "2025-12-03T10:00:00+08:00"}}))
+    assert moved.status_code == 201
+    seen = await post_event(client, token, patient, {"type": "follow_up", "occurred_at": "2025-12-02T10:00:00+08:00"})
+    assert seen.status_code == 201
+    after = await post_event(client, token, patient, {"type": "follow_up", "occurred_at": "2025-12-04T10:00:00+08:00"})
+    assert after.status_code == 422 and "2025-12-03" in after.json()["detail"]
+    assert death["event_id"] in after.json()["detail"]
+
+    # A retracted death no longer counts: later events, and a death, are accepted again.
+    retracted = await post_event(client, token, patient, body("retraction", {
+        "retracts_event_id": death["event_id"], "reason": "wrong patient"}))
+    assert retracted.status_code == 201
+    assert (await post_event(client, token, patient, {"type": "follow_up",
+                                                      "occurred_at": "2025-12-04T10:00:00+08:00"})).status_code == 201
+    assert (await post_event(client, token, patient, body("death", {"cause": "relapse"}))).status_code == 201
+
+
+async def test_concurrent_deaths_store_one(
+        client: httpx.AsyncClient, engine: AsyncEngine, tokens: dict[str, str], patient: str) -> None:
+    import asyncio
+
+    answers = await asyncio.gather(*(post_event(client, tokens["staff_s01"], patient, body("death", {"cause": "other"}))
+                                     for _ in range(4)))
+    assert sorted(a.status_code for a in answers) == [201, 422, 422, 422]
+    async with engine.connect() as conn:
+        assert [e.type for e in await eventstore.read_stream(conn, f"patient-{patient}")] == \
+            ["patient_enrolled", "death"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.store import eventstore
@@ -74,6 +76,41 @@ async def test_malformed_enrolments_name_each_bad_field(client: httpx.AsyncClien
             "eligibility.drug_allergy", "eligibility_override.reason",
             "eligibility_override.approved_by"} <= set(paths(answer))
     assert all(e["message"] for e in answer.json()["errors"])
+
+
+@pytest.mark.parametrize("changes,path", [
+    ({"age_years": "34"}, "age_years"),
+    ({"age_years": True}, "age_years"),
+    ({"weight_kg": "61.5"}, "weight_kg"),
+    ({"transplant_date": "2025-03-02T00:00:00"}, "transplant_date"),
+    ({"transplant_date": "2025-03-02T00:00:00Z"}, "transplant_date"),
+    ({"relapse_date": 1763596800}, "relapse_date"),
+    ({"relapse_date": "20251120"}, "relapse_date"),
+    ({"enrolled_at": 1762300000}, "enrolled_at"),
+    ({"enrolled_at": "1762300000"}, "enrolled_at"),
+    ({"eligibility": CLEAN | {"severe_infection": "no"}}, "eligibility.severe_infection"),
+    ({"eligibility": CLEAN | {"stable_vital_signs": 1}}, "eligibility.stable_vital_signs"),
+])
+async def test_lax_enrolment_input_is_422_naming_the_field(
+        client: httpx.AsyncClient, tokens: dict[str, str], changes: dict[str, Any], path: str) -> None:
+    answer = await client.post("/v1/patients", json=enrolment(**changes), headers=bearer(tokens["admin"]))
+    assert answer.status_code == 422, answer.text
+    assert paths(answer) == [path]
+
+
+@pytest.mark.parametrize("override,bad", [
+    ({"reason": "   ", "approved_by": "Dr Li"}, ["eligibility_override.reason"]),
+    ({"reason": "PI decision", "approved_by": ""}, ["eligibility_override.approved_by"]),
+    ({"reason": "PI decision"}, ["eligibility_override.approved_by"]),
+    ({"reason": "PI decision", "approved_by": 42}, ["eligibility_override.approved_by"]),
+    ({"reason": "PI decision", "approved_by": "Dr Li", "by": "x"}, ["eligibility_override.by"]),
+    ("approved", ["eligibility_override"]),
+])
+async def test_an_override_needs_a_reason_and_an_approver(
+        client: httpx.AsyncClient, tokens: dict[str, str], override: Any, bad: list[str]) -> None:
+    body = enrolment(age_years=67, eligibility_override=override)
+    answer = await client.post("/v1/patients", json=body, headers=bearer(tokens["admin"]))
+    assert answer.status_code == 422 and paths(answer) == bad
 
 
 async def test_relapse_before_transplant_names_relapse_date(client: httpx.AsyncClient, tokens: dict[str, str]) -> None:

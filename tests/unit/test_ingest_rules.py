@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from services.ingest.auth import PERMISSIONS, Principal
-from services.ingest.domain.acceptance import amendment_problems, time_problems
+from services.ingest.domain.acceptance import (
+    amendment_problems,
+    grade_conflict_problems,
+    missing_observations,
+    time_problems,
+)
+from services.ingest.domain.death import after_death_problems, recorded_death
 from services.ingest.domain.eligibility import failed_criteria
 from services.ingest.idempotency import body_hash
-from services.ingest.problems import field_problems
+from services.ingest.problems import content_type_problem, field_problems, is_json
+from shared.clinical.grading import GradeConflict
 from shared.events import ClinicalEventBody, Enrolment, StoredEvent
 
 NOW = datetime(2025, 12, 1, 12, tzinfo=UTC)
+AT = NOW.isoformat()
 BODY = TypeAdapter(ClinicalEventBody)
 CLEAN = {"stable_vital_signs": True, "severe_infection": False, "gvhd_grade_2_to_4": False,
          "organ_failure": False, "cns_leukemia": False, "drug_allergy": False}
@@ -27,9 +36,9 @@ def enrolment(**changes: object) -> Enrolment:
         "transplant_date": "2025-01-01", "relapse_date": "2025-06-01", "eligibility": CLEAN} | changes)
 
 
-def stored(type_: str, version: int, **data: object) -> StoredEvent:
+def stored(type_: str, version: int, occurred_at: datetime = NOW, **data: object) -> StoredEvent:
     return StoredEvent(position=version, event_id=uuid.uuid4(), stream_id="patient-S01-001", stream_version=version,
-                       type=type_, subject_id="S01-001", occurred_at=NOW, recorded_at=NOW, recorded_by="t",
+                       type=type_, subject_id="S01-001", occurred_at=occurred_at, recorded_at=NOW, recorded_by="t",
                        data=dict(data))
 
 
@@ -82,6 +91,73 @@ def test_a_rule_over_several_fields_names_a_field_and_union_tags_are_dropped(bod
         BODY.validate_python(body)
     errors = [{**e, "loc": ("body", *e["loc"])} for e in caught.value.errors()]
     assert path in [p.path for p in field_problems(errors)]
+
+
+def test_a_derived_crs_grade_needs_every_observation_a_posted_one_none() -> None:
+    def missing(fields: dict[str, object]) -> list[str]:
+        return [p.path for p in missing_observations(BODY.validate_python({"type": "crs", "occurred_at": AT} | fields))]
+
+    assert missing({"max_temp_c": 38.5}) == ["hypotension", "vasopressors", "oxygen"]
+    assert missing({"max_temp_c": 38.5, "hypotension": False, "vasopressors": 0, "oxygen": "none"}) == []
+    assert missing({"grade": 2, "max_temp_c": 39.0}) == []
+    fix = BODY.validate_python({"type": "correction", "occurred_at": AT, "reason": "x",
+                                "corrects_event_id": str(uuid.uuid4()),
+                                "replacement": {"type": "crs", "occurred_at": AT, "anticytokine_given": True,
+                                                "hypotension": True}})
+    assert [p.path for p in missing_observations(fix)] == ["replacement.max_temp_c", "replacement.vasopressors",
+                                                           "replacement.oxygen"]
+
+
+def test_a_grade_conflict_names_the_grade_and_each_observation_given() -> None:
+    crs = BODY.validate_python({"type": "crs", "occurred_at": AT, "grade": 1, "max_temp_c": 39.0,
+                                "vasopressors": 2, "vasopressin": True})
+    problems = grade_conflict_problems(crs, GradeConflict("CRS", 1, 4))
+    assert [p.path for p in problems] == ["grade", "max_temp_c", "vasopressors", "vasopressin"]
+    assert "max_temp_c, vasopressors, vasopressin derive grade 4" in problems[0].message
+    gvhd = BODY.validate_python({"type": "gvhd", "occurred_at": AT, "form": "acute", "grade": 3, "skin_bsa_pct": 60})
+    assert [p.path for p in grade_conflict_problems(gvhd, GradeConflict("acute GVHD", 3, 2))] == \
+        ["grade", "skin_bsa_pct"]
+
+
+def test_after_the_recorded_death_only_amendments_are_accepted() -> None:
+    enrolled = stored("patient_enrolled", 1, site_id="S01", cohort="mrd_positive", age_years=40, weight_kg=60,
+                      transplant_date="2025-01-01", relapse_date="2025-06-01")
+    death = stored("death", 2, cause="other")
+    tz = ZoneInfo("Asia/Shanghai")
+
+    def refused(history: list[StoredEvent], kind: str, when: datetime, **fields: object) -> list[str]:
+        body = BODY.validate_python({"type": kind, "occurred_at": when.isoformat(), **fields})
+        return [p.path for p in after_death_problems(body, recorded_death(history, tz))]
+
+    alive, dead = [enrolled], [enrolled, death]
+    later = NOW + timedelta(days=1)
+    assert refused(alive, "follow_up", later) == [] and refused(alive, "death", NOW, cause="other") == []
+    assert refused(dead, "follow_up", later) == ["occurred_at"]
+    assert refused(dead, "death", NOW - timedelta(days=1), cause="other") == ["type"]
+    assert refused(dead, "follow_up", NOW) == [] and refused(dead, "crs", NOW - timedelta(hours=1), grade=1) == []
+    assert refused(dead, "retraction", later, retracts_event_id=str(death.event_id), reason="x") == []
+    problem = after_death_problems(BODY.validate_python({"type": "relapse", "occurred_at": later.isoformat()}),
+                                   recorded_death(dead, tz))[0]
+    assert str(death.event_id) in problem.message and "2025-12-01" in problem.message
+    # A retracted death no longer counts; a corrected one counts at its corrected time.
+    retracted = dead + [stored("retraction", 3, retracts_event_id=str(death.event_id), reason="x")]
+    assert recorded_death(retracted, tz) is None
+    moved = dead + [stored("correction", 3, corrects_event_id=str(death.event_id), reason="x",
+                           replacement={"type": "death", "occurred_at": (NOW + timedelta(days=2)).isoformat(),
+                                        "cause": "other"})]
+    assert refused(moved, "follow_up", later) == []
+    assert refused(moved, "follow_up", NOW + timedelta(days=3)) == ["occurred_at"]
+
+
+def test_a_body_that_is_not_json_is_named_as_such() -> None:
+    assert is_json("application/json") and is_json("Application/JSON; charset=utf-8")
+    assert is_json("application/problem+json") and not is_json("text/plain") and not is_json(None)
+    body_error = [{"loc": ("body",), "msg": "Input should be a valid dictionary", "type": "model_attributes_type"}]
+    assert content_type_problem("application/json", body_error) is None
+    assert content_type_problem("text/plain", [{"loc": ("query", "as_of"), "msg": "bad"}]) is None
+    problem = content_type_problem("application/x-www-form-urlencoded", body_error)
+    assert problem is not None and problem.path == ""
+    assert "Content-Type: application/json" in problem.message
 
 
 def test_the_body_fingerprint_ignores_key_order_and_spacing() -> None:

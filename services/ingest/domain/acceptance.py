@@ -12,7 +12,8 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel
 
 from services.ingest.domain.errors import FieldProblem
-from shared.events import OBSERVATION_TYPES, Correction, Retraction, StoredEvent
+from shared.clinical.grading import GradeConflict
+from shared.events import OBSERVATION_TYPES, Correction, Crs, Gvhd, Retraction, StoredEvent
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 
@@ -59,3 +60,35 @@ def amendment_problems(body: BaseModel, history: Sequence[StoredEvent]) -> list[
         return [FieldProblem("replacement.type", f"the replacement of a {target.type} event must be a "
                                                  f"{target.type}, not {body.replacement.type}")]
     return []
+
+
+def _observed(body: BaseModel) -> tuple[str, BaseModel]:
+    """The observation a body carries (a correction's replacement) and the path prefix to it."""
+    return ("replacement.", body.replacement) if isinstance(body, Correction) else ("", body)
+
+
+def missing_observations(body: BaseModel) -> list[FieldProblem]:
+    """A CRS grade derived from observations needs all of them (CONTRACT.md section 2).
+
+    - Without a posted ``grade``, each of ``max_temp_c``, ``hypotension``, ``vasopressors`` and
+      ``oxygen`` that is missing is named; ``vasopressin`` and ``anticytokine_given`` are optional.
+    - With a posted grade, observations are optional: those given must agree with it.
+    """
+    prefix, observed = _observed(body)
+    if not isinstance(observed, Crs) or observed.grade is not None:
+        return []
+    return [FieldProblem(prefix + name, "required to derive the CRS grade (or post grade 1-4 instead)")
+            for name in Crs.OBSERVATIONS if getattr(observed, name) is None]
+
+
+def grade_conflict_problems(body: BaseModel, conflict: GradeConflict) -> list[FieldProblem]:
+    """A posted grade the observations contradict: the grade and each observation given are named."""
+    prefix, observed = _observed(body)
+    given = (observed.given_observations if isinstance(observed, Crs)
+             else observed.given_findings if isinstance(observed, Gvhd) else ())
+    kind, posted, derived = conflict.kind, conflict.given, conflict.derived
+    grade = FieldProblem(prefix + "grade", f"{kind} grade {posted} was given but {', '.join(given) or 'the observations'} "
+                                           f"derive grade {derived}; correct the grade or the observations, "
+                                           "or send only one of them")
+    return [grade, *(FieldProblem(prefix + name, f"with the other observations given it derives {kind} grade "
+                                                 f"{derived}, not the posted grade {posted}") for name in given)]
