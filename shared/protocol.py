@@ -57,26 +57,38 @@ class CohortPlan(_Model):
     min_course_days: int = Field(ge=1, le=28)
     max_course_days: int = Field(ge=1, le=28)
     schedule: list[DoseStep] = Field(min_length=1)
+    # A later course may also follow this one (the label's cycle 2: 28 µg from day 1, no step-up).
+    later_course_schedule: list[DoseStep] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> CohortPlan:
         if self.min_course_days > self.max_course_days:
             raise ValueError("min_course_days is above max_course_days")
-        days: set[int] = set()
-        for step in self.schedule:
-            if step.from_day > step.to_day:
-                raise ValueError(f"schedule step from_day {step.from_day} is after to_day {step.to_day}")
-            span = set(range(step.from_day, step.to_day + 1))
-            if days & span:
-                raise ValueError(f"schedule steps overlap on days {sorted(days & span)}")
-            days |= span
+        for name, schedule in (("schedule", self.schedule), ("later_course_schedule", self.later_course_schedule)):
+            days: set[int] = set()
+            for step in schedule:
+                if step.from_day > step.to_day:
+                    raise ValueError(f"{name} step from_day {step.from_day} is after to_day {step.to_day}")
+                span = set(range(step.from_day, step.to_day + 1))
+                if days & span:
+                    raise ValueError(f"{name} steps overlap on days {sorted(days & span)}")
+                days |= span
         return self
 
     def dose_for_day(self, day: int) -> float | None:
-        for step in self.schedule:
-            if step.from_day <= day <= step.to_day:
-                return step.dose_ug
-        return None
+        return _dose_on(self.schedule, day)
+
+    def doses_for(self, course: int, day: int) -> list[float]:
+        """The doses on schedule for ``day`` of ``course``: the schedule's, and for a later course
+        also ``later_course_schedule``'s."""
+        options = [_dose_on(self.schedule, day)]
+        if course > 1:
+            options.append(_dose_on(self.later_course_schedule, day))
+        return list(dict.fromkeys(d for d in options if d is not None))
+
+
+def _dose_on(schedule: list[DoseStep], day: int) -> float | None:
+    return next((step.dose_ug for step in schedule if step.from_day <= day <= step.to_day), None)
 
 
 class Dosing(_Model):
@@ -154,6 +166,16 @@ class Digest(_Model):
         return value
 
 
+class Entry(_Model):
+    """How data entry is waited for. An alert that a missing record justifies (an assessment
+    overdue, a course too short, a DLI or course 2 with nothing before it) waits until the
+    patient's record has been quiet for ``settle_seconds``: entering a late history event by event
+    passes through states that lack what comes next, and each would otherwise be mailed and then
+    withdrawn. Alerts on what *was* recorded (an urgent grade, a dose off schedule) never wait."""
+
+    settle_seconds: float = Field(5.0, ge=0, le=3600)
+
+
 AlertKind = Literal[
     "crs_grade_3_plus", "icans_grade_3_plus", "agvhd_grade_3_4", "infection_grade_4_plus", "death",
     "stopping_boundary_crossed", "protocol_deviation", "assessment_overdue", "crs_low_grade",
@@ -171,6 +193,7 @@ class Protocol(_Model):
     windows: dict[Literal["day14", "day100"], Window]
     labs: Labs
     alerts: dict[AlertKind, Severity]
+    entry: Entry = Field(default_factory=Entry)
     stopping_rules: list[StoppingRule] = Field(default_factory=list)
     digest: Digest
 

@@ -95,7 +95,8 @@ class SafetyMonitor:
         existing = {k: v for k, v in fold_alerts(alerts).items() if v.kind != STOPPING_KIND}
         await self._append(conn, plan(state.desired_alerts(), existing, now=now,
                                       withdraw_reason=withdraw_reason(cause),
-                                      causation=cause.event_id if cause else None))
+                                      causation=cause.event_id if cause else None,
+                                      held=state.held_alert_ids()))
         public = state.public()
         await upsert(conn, patient_projection, {
             "subject_id": subject_id, "site_id": public["site_id"], "state": public,

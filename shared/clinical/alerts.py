@@ -16,6 +16,11 @@ Rules:
   (its cause event, or the course for a course's deviations).
 - ``assessment_overdue`` per timepoint whose assessment is overdue (``windows.py``), keyed by the
   timepoint; it cites the anchor event.
+- Alerts on something *missing* (``by_absence``: an overdue assessment, a deviation in
+  ``BY_ABSENCE``) are not *raised* until the patient's record has been quiet for the protocol's
+  ``entry.settle_seconds`` (``Chart.settled``; ``PatientState.held_alert_ids``): a late history
+  entered event by event would otherwise raise them and withdraw them a moment later. One that is
+  open stays open meanwhile, and a withdrawal is never held. Everything else is raised at once.
 - Severity is ``protocol.severity(kind)``; actions follow the label and reporting practice
   (``actions.py``); deaths and grade >= 4 events say to report an SAE within 24 h (DOMAIN.md g).
 """
@@ -28,7 +33,7 @@ from typing import Any
 
 from shared.clinical import actions
 from shared.clinical.chart import Chart
-from shared.clinical.deviations import Deviation
+from shared.clinical.deviations import BY_ABSENCE, Deviation
 from shared.clinical.endpoints import counts_toward
 from shared.clinical.history import Fact
 from shared.clinical.wording import (
@@ -64,6 +69,12 @@ def desired_alerts(chart: Chart, deviations: tuple[Deviation, ...]) -> list[Aler
                if w.is_overdue(chart.of_type("assessment_completed"), chart.left, chart.now)]
     alerts = [_raise(chart, d) for d in drafts]
     return sorted(alerts, key=lambda a: (a.cause_occurred_at, a.kind, str(a.alert_id)))
+
+
+def by_absence(alert: AlertRaised) -> bool:
+    """An alert on something missing: it waits for the record to settle before it is raised."""
+    return alert.kind == "assessment_overdue" or (
+        alert.kind == "protocol_deviation" and alert.facts.get("code") in BY_ABSENCE)
 
 
 def _raise(chart: Chart, draft: Draft) -> AlertRaised:

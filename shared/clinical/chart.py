@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -28,6 +28,16 @@ class Chart:
     facts: tuple[Fact, ...]
     treatment: Treatment
     windows: Mapping[str, Window]
+    last_recorded_at: datetime  # the latest event of the patient's stream, corrections included
+
+    @property
+    def settled(self) -> bool:
+        """Whether data entry has been quiet long enough to judge what is missing (protocol ``entry``)."""
+        return self.now >= self.settled_at
+
+    @property
+    def settled_at(self) -> datetime:
+        return self.last_recorded_at + timedelta(seconds=self.protocol.entry.settle_seconds)
 
     def of_type(self, *types: str) -> tuple[Fact, ...]:
         return tuple(f for f in self.facts if f.type in types)

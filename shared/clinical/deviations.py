@@ -4,9 +4,9 @@ Rules (bounds come from the protocol's ``cohorts``, ``dosing`` and ``dli``; all 
 
 - ``eligibility_override``: the patient was enrolled with an eligibility override.
 - Blinatumomab + DLI arm:
-  - ``dose_off_schedule``: a dose more than ``tolerance_pct`` away from ``dose_for_day(day)`` of the
-    patient's cohort (the same schedule for both courses); ``dose_unscheduled_day``: no dose is
-    scheduled on that infusion ``day``.
+  - ``dose_off_schedule``: a dose more than ``tolerance_pct`` away from every dose on schedule for
+    that course and day (``CohortPlan.doses_for``: the cohort's schedule, and for course 2 also its
+    ``later_course_schedule``); ``dose_unscheduled_day``: no dose is scheduled on that ``day``.
   - ``course_too_long``: a dose with ``day`` above ``max_course_days``, flagged at once (cause: the
     first such dose).
   - ``course_too_short``: a finished course (``treatment.py``) whose highest ``day`` is below
@@ -33,6 +33,10 @@ from shared.clinical.chart import Chart
 from shared.clinical.history import Fact
 from shared.clinical.treatment import Course
 from shared.protocol import add_months
+
+# Deviations judged from what has not been recorded (yet): they wait for the record to settle
+# (protocol ``entry``) before they are alerted.
+BY_ABSENCE = frozenset({"course_too_short", "dli_without_course1", "second_course_without_dli"})
 
 EXCLUSIONS = ("severe_infection", "gvhd_grade_2_to_4", "organ_failure", "cns_leukemia", "drug_allergy")
 
@@ -85,8 +89,9 @@ def _eligibility(chart: Chart) -> list[Deviation]:
         failed.insert(0, "unstable vital signs")
     if enrolled.age_years > chart.protocol.trial.max_age_years:
         failed.insert(0, f"age {enrolled.age_years:g} > {chart.protocol.trial.max_age_years:g}")
-    detail = (f"enrolled despite failed eligibility ({', '.join(failed) or 'criteria not recorded'}); "
-              f"override approved by {override.get('approved_by')}: {override.get('reason')}")
+    approval = f"override approved by {override.get('approved_by')}: {override.get('reason')}"
+    detail = (f"enrolled despite failed eligibility ({', '.join(failed)}); {approval}" if failed else
+              f"enrolled with an eligibility override although every criterion recorded was met; {approval}")
     return [Deviation("eligibility_override", detail, enrolled.fact, facts={"failed": failed})]
 
 
@@ -94,16 +99,18 @@ def _doses(chart: Chart) -> list[Deviation]:
     found = []
     tolerance = chart.protocol.dosing.tolerance_pct
     for dose in chart.treatment.doses:
-        day, given = int(dose.data["day"]), float(dose.data["dose_ug"])
-        where = f"course {dose.data['course']} day {day}"
-        scheduled = chart.plan.dose_for_day(day)
-        numbers = {"course": dose.data["course"], "day": day, "dose_ug": given, "scheduled_ug": scheduled}
-        if scheduled is None:
+        course, day, given = int(dose.data["course"]), int(dose.data["day"]), float(dose.data["dose_ug"])
+        where = f"course {course} day {day}"
+        scheduled = chart.plan.doses_for(course, day)
+        numbers = {"course": course, "day": day, "dose_ug": given,
+                   "scheduled_ug": scheduled[0] if len(scheduled) == 1 else scheduled or None}
+        if not scheduled:
             found.append(Deviation("dose_unscheduled_day", f"{where}: {given:g} µg given, no dose is "
                                    f"scheduled on that day for the {chart.plan.label} cohort", dose,
                                    facts=numbers))
-        elif abs(given - scheduled) > scheduled * tolerance / 100 * (1 + 1e-9):
-            found.append(Deviation("dose_off_schedule", f"{where}: {given:g} µg given, {scheduled:g} µg "
+        elif all(abs(given - s) > s * tolerance / 100 * (1 + 1e-9) for s in scheduled):
+            expected = " or ".join(f"{s:g} µg" for s in scheduled)
+            found.append(Deviation("dose_off_schedule", f"{where}: {given:g} µg given, {expected} "
                                    f"scheduled for the {chart.plan.label} cohort (tolerance "
                                    f"±{tolerance:g}%)", dose, facts=numbers | {"tolerance_pct": tolerance}))
     return found

@@ -13,6 +13,7 @@ same alerts, whatever order the events arrive in. The rules live beside the conc
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +40,8 @@ def fold_patient(events: Sequence[StoredEvent], protocol: Protocol, *, now: date
         raise ValueError("now must be timezone-aware")
     enrolment, facts = effective_history(events, protocol.tz)
     treatment = treatment_from(facts)
-    chart = Chart(protocol, now, enrolment, facts, treatment, build_windows(protocol, enrolment, treatment))
+    chart = Chart(protocol, now, enrolment, facts, treatment, build_windows(protocol, enrolment, treatment),
+                  last_recorded_at=max(e.recorded_at for e in events))
     return PatientState(chart, find_deviations(chart))
 
 
@@ -68,10 +70,20 @@ class PatientState:
         """Every alert this history justifies at ``now`` (alerts.py)."""
         return alerts.desired_alerts(self.chart, self.deviations)
 
+    def held_alert_ids(self) -> frozenset[uuid.UUID]:
+        """Desired alerts not to raise yet: alerts on something missing while data entry has not
+        settled (alerts.py). An open one stays open; the rest wait for ``next_due_at``."""
+        if self.chart.settled:
+            return frozenset()
+        return frozenset(a.alert_id for a in self.desired_alerts() if alerts.by_absence(a))
+
     def next_due_at(self) -> datetime | None:
         """The earliest moment after ``now`` at which the alerts change by time alone: an
-        assessment falling overdue, or a too-short course becoming finished."""
+        assessment falling overdue, a too-short course becoming finished, or the record settling
+        while an alert on something missing waits for it (alerts.py)."""
         chart = self.chart
+        if self.held_alert_ids():
+            return chart.settled_at
         assessments = chart.of_type("assessment_completed")
         overdue = [
             w.overdue_from for w in chart.windows.values()

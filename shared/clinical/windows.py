@@ -102,7 +102,10 @@ class Window:
         }
 
     def _own(self, assessments: Sequence[Fact]) -> list[Fact]:
-        return [a for a in assessments if a.data.get("timepoint") == self.name]
+        """This timepoint's assessments made in the window or after it: one dated before the window
+        opened (before the first dose, before the DLI) assessed something else."""
+        return [a for a in assessments
+                if a.data.get("timepoint") == self.name and self.anchor is not None and a.day >= self.anchor]
 
     def _midnight(self, day: date) -> datetime:
         return datetime.combine(day, time(0), tzinfo=self.tz)

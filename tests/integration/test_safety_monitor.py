@@ -31,7 +31,7 @@ from services.ingest.auth import create_token
 from services.safety.handlers import SafetyMonitor
 from shared.clinical.patient import fold_patient
 from shared.events import ALERT_RAISED, ALERT_TYPES, ALERT_WITHDRAWN, StoredEvent, patient_stream
-from shared.protocol import Protocol
+from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store import eventstore
 from shared.store.eventstore import utc
@@ -48,6 +48,7 @@ def day(n: int, hour: int = 10, minute: int = 0) -> datetime:
 
 CLOSES = day(15, 0)  # the 2-week window closes
 OVERDUE = day(18, 0)  # the day14 assessment is overdue from here
+SETTLE = timedelta(seconds=load_protocol().entry.settle_seconds)  # alerts on what is missing wait this long
 
 
 class Clock:
@@ -210,11 +211,36 @@ async def test_a_window_already_past_when_its_dose_is_entered_is_overdue_on_the_
     ward.clock.set(day(26, 10))
     await ward.record(subject, dose(day(1), 1))
 
-    # The evaluation of that one event raises the overdue alert; no scheduler tick was needed.
+    # The evaluation of that one event finds it overdue at once; the alert waits only for the entry
+    # to settle (more may be on its way: the assessment itself), a due check a few seconds on.
+    assert (await ward.patient(subject))["windows"]["day14"]["status"] == "overdue"
+    assert await ward.alerts(subject, OVERDUE_KIND) == []
+    assert await ward.due_at(subject) == day(26, 10) + SETTLE
+
+    # Nothing more came: the due check raises it.
+    ward.clock.set(day(26, 10) + SETTLE)
+    await ward.monitor.check(subject)
     [overdue] = await ward.alerts(subject, OVERDUE_KIND)
     assert overdue["severity"] == "high" and overdue["status"] == "open"
     # Every moment that matters has passed: no due check is left for this patient.
     assert await ward.due_at(subject) is None
+
+
+async def test_a_late_history_entered_event_by_event_raises_nothing_it_does_not_end_with(ward: Ward) -> None:
+    # The course and its day-14 assessment, entered 25 days late a few seconds apart: after the
+    # first dose the course looks finished and too short, and day 14 looks overdue, but neither
+    # is raised while the entry goes on, and once it has settled there is nothing to raise.
+    subject = await ward.enrol()
+    ward.clock.set(day(26, 10))
+    await ward.record(subject, dose(day(1), 1))
+    ward.clock.set(day(26, 10) + timedelta(seconds=2))
+    await ward.record(subject, dose(day(5), 5))
+    ward.clock.set(day(26, 10) + timedelta(seconds=4))
+    await ward.record(subject, {"type": "assessment_completed", "occurred_at": day(14, 16).isoformat(),
+                                "timepoint": "day14"})
+    ward.clock.set(day(27))
+    await ward.monitor.check(subject)
+    assert await ward.alert_events(subject) == []
 
 
 async def test_the_due_check_holds_the_next_moment_and_follows_a_corrected_first_dose(ward: Ward) -> None:
@@ -346,6 +372,10 @@ async def test_the_same_history_recorded_in_any_order_gives_the_same_patient_and
     in_order = list(STORY) + list(AMENDMENTS)
     subjects = [await tell(ward, order) for order in (in_order, shuffled(7), shuffled(2025))]
     assert len({tuple(shuffled(7)), tuple(shuffled(2025)), tuple(in_order)}) == 3
+
+    ward.clock.set(day(20, 12) + SETTLE)  # the entry has settled: what is missing is alerted
+    for subject in subjects:
+        await ward.monitor.check(subject)
 
     first, *others = [await comparable(ward, s) for s in subjects]
     for other in others:

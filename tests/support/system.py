@@ -73,8 +73,10 @@ async def start_system(settings: Settings, engine: AsyncEngine, capture: MailCap
     safety_app, notify_app = safety.app(), notify.app()
     await safety_app.start()
     await notify_app.start()
-    server = uvicorn.Server(uvicorn.Config(ingest_app(settings, engine, settings.nats_url),
-                                           host=settings.http_host, port=settings.http_port, log_level="warning"))
+    api = ingest_app(settings, engine, settings.nats_url)
+    api.state.clock = clock  # one clock for the whole system: what is recorded, and what is checked
+    server = uvicorn.Server(uvicorn.Config(api, host=settings.http_host, port=settings.http_port,
+                                           log_level="warning"))
     system = RunningSystem(settings, engine, capture, safety, notify, server)
     system._tasks.append(asyncio.create_task(server.serve()))
     system._tasks.extend([])

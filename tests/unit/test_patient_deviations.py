@@ -61,6 +61,24 @@ def test_mrd_positive_patients_get_28_ug_from_day_1():
     assert deviation_codes(h.fold(at(day(3)))) == ["dose_off_schedule"]
 
 
+@pytest.mark.parametrize(("dose_ug", "deviates"), [(9.0, False), (28.0, False), (11.66, True), (20.0, True)])
+def test_a_haematologic_relapse_course_2_may_step_up_again_or_start_at_28_ug(dose_ug, deviates):
+    # Course 2 day 1: the cohort's step-up (9 µg) or the label's cycle 2 (28 µg from day 1).
+    h = History()
+    h.course(1, DAY1, 10)
+    h.dli(at(DLI_DAY))
+    h.dose(2, 1, at(date(2025, 4, 25)), dose_ug=dose_ug)
+    assert ("dose_off_schedule" in deviation_codes(h.fold(at(date(2025, 4, 25), 12)))) is deviates
+
+
+def test_course_1_of_haematologic_relapse_must_step_up():
+    h = History()
+    h.dose(1, 1, at(day(1)), dose_ug=28.0)
+    state = h.fold(at(day(1), 12))
+    assert deviation_codes(state) == ["dose_off_schedule"]
+    assert "9 µg scheduled" in state.public()["deviations"][0]["detail"]
+
+
 # ---------------------------------------------------------------------------- course length
 
 
@@ -189,6 +207,8 @@ def test_enrolment_with_an_eligibility_override_is_a_deviation():
     (alert,) = h.fold(at(date(2025, 3, 4))).desired_alerts()
     assert alert.kind == "protocol_deviation" and alert.cause_event_ids == (h.enrolment.event_id,)
     assert "approved by PI Wang" in alert.detail
+    # This History's patient met every criterion: the alert says so rather than "failed".
+    assert "although every criterion recorded was met" in alert.detail and "failed" not in alert.detail
 
 
 def test_blinatumomab_or_a_dli_for_a_usual_care_patient_is_a_deviation():

@@ -7,8 +7,9 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from shared.clinical.endpoints import UnknownEndpointError
+from shared.clinical.patient import PatientState
 from shared.events import alert_id_for
-from tests.unit.patient_history import History, at, kinds, midnight, only
+from tests.unit.patient_history import PROTOCOL, History, at, kinds, midnight, only
 
 DAY1 = date(2025, 3, 5)
 DLI_DAY = date(2025, 3, 20)
@@ -139,10 +140,61 @@ def test_a_late_entered_assessment_done_in_time_removes_the_overdue_alert():
     assert "assessment_overdue" not in kinds(h.fold(at(day(25))))
 
 
+SETTLE = timedelta(seconds=PROTOCOL.entry.settle_seconds)
+
+
+def raised_now(state: PatientState) -> list[str]:
+    """The kinds the safety service would raise now (desired and not held)."""
+    held = state.held_alert_ids()
+    return [a.kind for a in state.desired_alerts() if a.alert_id not in held]
+
+
+def test_a_late_history_is_judged_for_what_it_lacks_once_its_entry_has_settled():
+    # A month later a nurse enters course 1 (day 1 first) and then the day-14 assessment. After the
+    # first dose the course looks finished and too short, and the assessment looks overdue: that
+    # is only the entry in progress, so neither is raised until the record has been quiet.
+    h = History()
+    h.enter_late(at(day(40)))
+    first = h.dose(1, 1, at(day(1)))
+    meanwhile = h.fold(first.recorded_at + timedelta(seconds=1))
+    assert kinds(meanwhile) == ["assessment_overdue", "protocol_deviation"]  # what the history says
+    assert raised_now(meanwhile) == []  # what is raised: nothing yet
+    assert meanwhile.next_due_at() == first.recorded_at + SETTLE
+
+    # Had nothing more come, both are raised once the record settles.
+    settled = h.fold(first.recorded_at + SETTLE)
+    assert raised_now(settled) == ["assessment_overdue", "protocol_deviation"]
+
+    # The rest arrives within seconds: once settled there is nothing to say.
+    for n in range(2, 9):
+        h.dose(1, n, at(day(n)))
+    last = h.assessment(at(day(15)), "day14")
+    assert kinds(h.fold(last.recorded_at + SETTLE)) == []
+
+
+def test_alerts_on_what_was_recorded_do_not_wait_for_the_entry_to_settle():
+    h = History()
+    h.enter_late(at(day(40)))
+    h.dose(1, 1, at(day(1)), dose_ug=28.0)  # the haematologic-relapse cohort starts at 9 µg
+    crs = h.crs(at(day(2)), 3)
+    state = h.fold(crs.recorded_at)
+    codes = [a.facts.get("code", a.kind) for a in state.desired_alerts() if a.alert_id not in state.held_alert_ids()]
+    assert sorted(codes) == ["crs_grade_3_plus", "dose_off_schedule"]
+
+
 def test_an_assessment_done_after_the_deadline_does_not_remove_the_overdue_alert():
     h = treated()
     h.assessment(DAY14_OVERDUE, "day14")
     assert "assessment_overdue" in kinds(h.fold(at(day(25))))
+
+
+def test_an_assessment_dated_before_the_window_opened_does_not_count():
+    h = History()
+    h.assessment(at(day(0)), "day14")  # the day before the first dose
+    h.course(1, DAY1, 10)
+    state = h.fold(at(day(25)))
+    assert "assessment_overdue" in kinds(state)
+    assert state.public()["windows"]["day14"]["status"] == "overdue"
 
 
 def test_an_assessment_of_the_other_timepoint_does_not_count():

@@ -55,3 +55,20 @@ def test_event_ids_are_the_same_whoever_computes_the_plan() -> None:
     assert one[0].event.event_id == two[0].event.event_id
     assert one[0].event.event_id != plan([alert("e2")], {}, now=NOW, withdraw_reason="x")[0].event.event_id
     assert isinstance(one[0].event.event_id, uuid.UUID)
+
+
+def test_a_held_alert_is_not_raised_yet_and_an_open_one_stays_open_while_held() -> None:
+    overdue, other = alert("missing-assessment"), alert("e2")
+    held = frozenset({overdue.alert_id})
+
+    # Not open yet: held back; the other desired alert is raised as usual.
+    first = plan([overdue, other], {}, now=NOW, withdraw_reason="x", held=held)
+    assert [a.stream_id for a in first] == [f"alert-{other.alert_id}"]
+
+    # Already open (raised before this entry began): neither raised again nor withdrawn.
+    log = fold_alerts(stored(plan([overdue], {}, now=NOW, withdraw_reason="x")))
+    assert plan([overdue], log, now=NOW, withdraw_reason="x", held=held) == []
+
+    # No longer desired at all (the assessment arrived): withdrawn at once, holding or not.
+    [withdrawn] = plan([], log, now=NOW, withdraw_reason="recorded", held=held)
+    assert withdrawn.event.type == ALERT_WITHDRAWN

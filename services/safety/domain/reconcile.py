@@ -8,7 +8,7 @@ computing the same plan write the same event ids and the store lets only one of 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -81,16 +81,20 @@ def plan(
     now: datetime,
     withdraw_reason: str,
     causation: uuid.UUID | None = None,
+    held: Set[uuid.UUID] = frozenset(),
 ) -> list[Append]:
     """Raise what is desired and not open; withdraw what is open and no longer desired.
 
     ``existing`` must hold exactly the alerts of the scope being reconciled (one patient, or the
-    stopping rules), so an alert of another scope is never withdrawn by accident.
+    stopping rules), so an alert of another scope is never withdrawn by accident. ``held`` are
+    desired alerts not to raise yet (data entry has not settled); one already open stays open.
     """
     wanted = {alert.alert_id: alert for alert in desired}
     appends: list[Append] = []
     for alert_id, alert in wanted.items():
         view = existing.get(alert_id)
+        if alert_id in held:
+            continue
         if view is None:
             appends.append(_raise(alert, 0, now, causation))
         elif not view.is_open:
