@@ -314,6 +314,26 @@ async def test_a_correction_replaces_an_observation_of_the_same_type(
     assert future.status_code == 422 and paths(future) == ["replacement.occurred_at"]
 
 
+async def test_retracting_a_correction_reverts_the_event_to_the_version_before_it(
+        client: httpx.AsyncClient, tokens: dict[str, str], patient: str) -> None:
+    token = tokens["staff_s01"]
+    crs = (await post_event(client, token, patient, body("crs", {"grade": 2}))).json()
+    fix = (await post_event(client, token, patient, body("correction", {
+        "corrects_event_id": crs["event_id"], "reason": "misread", "replacement": body("crs", {"grade": 3})}))).json()
+
+    async def crs_max() -> int:
+        return (await client.get(f"/v1/patients/{patient}", headers=bearer(token))).json()["grades"]["crs_max"]
+    assert await crs_max() == 3
+
+    undone = await post_event(client, token, patient, body("retraction", {"retracts_event_id": fix["event_id"],
+                                                                          "reason": "the correction was wrong"}))
+    assert undone.status_code == 201, undone.text
+    assert await crs_max() == 2
+    again = await post_event(client, token, patient, body("retraction", {"retracts_event_id": fix["event_id"],
+                                                                         "reason": "twice"}))
+    assert again.status_code == 422 and "already retracted" in again.json()["errors"][0]["message"]
+
+
 async def test_amendments_must_target_a_live_observation_of_this_patient(
         client: httpx.AsyncClient, tokens: dict[str, str], patient: str) -> None:
     token = tokens["staff_s01"]

@@ -41,7 +41,8 @@ def amendment_problems(body: BaseModel, history: Sequence[StoredEvent]) -> list[
     """A correction or retraction must point at a live observation of this same patient.
 
     - The target is an observation event (not an enrolment, correction or retraction) in this
-      patient's stream; another patient's event is refused as if unknown.
+      patient's stream; another patient's event is refused as if unknown. A retraction may also
+      take back a correction: the event reverts to the version before it.
     - A retracted target cannot be corrected or retracted again.
     - A correction's replacement has the target's type.
     """
@@ -52,8 +53,10 @@ def amendment_problems(body: BaseModel, history: Sequence[StoredEvent]) -> list[
     else:
         return []
     target = next((e for e in history if e.event_id == target_id), None)
-    if target is None or target.type not in OBSERVATION_TYPES:
-        return [FieldProblem(field, f"{target_id} is not an observation event of this patient")]
+    allowed = OBSERVATION_TYPES | {"correction"} if isinstance(body, Retraction) else OBSERVATION_TYPES
+    if target is None or target.type not in allowed:
+        what = "an observation or correction" if isinstance(body, Retraction) else "an observation event"
+        return [FieldProblem(field, f"{target_id} is not {what} of this patient")]
     if str(target_id) in retracted_ids(history):
         return [FieldProblem(field, f"{target_id} is already retracted")]
     if isinstance(body, Correction) and body.replacement.type != target.type:
