@@ -106,6 +106,14 @@ async def capture(data_dir: Path) -> AsyncIterator[MailCapture]:
         yield running
 
 
+async def stopped_capture(data_dir: Path) -> MailCapture:
+    """An SMTP capture that has a port but is down: start it again to bring the server back."""
+    capture = MailCapture(data_dir / "later")
+    await capture.start()
+    await capture.stop()  # nothing listens on its port now
+    return capture
+
+
 @pytest.fixture
 def smtp(capture: MailCapture) -> SmtpMailer:
     return SmtpMailer.from_url(capture.url, timeout=5)
@@ -220,9 +228,7 @@ async def test_a_replica_killed_after_the_server_accepted_its_mail_is_resent_wit
 async def test_smtp_down_leaves_the_period_unsent_and_a_later_retry_sends_it_once(
     engine: AsyncEngine, protocol: Protocol, data_dir: Path
 ) -> None:
-    capture = MailCapture(data_dir / "later")
-    await capture.start()
-    await capture.stop()  # nothing listens on its port now
+    capture = await stopped_capture(data_dir)
     clock, key = Clock(now_utc()), f"scheduled:{uuid.uuid4().hex[:12]}"
     cutoff = shanghai(24, 8)
     smtp = SmtpMailer.from_url(capture.url, timeout=2)
@@ -259,9 +265,7 @@ async def test_smtp_down_leaves_the_period_unsent_and_a_later_retry_sends_it_onc
 async def test_digest_send_that_fails_says_so_and_leaves_nothing_to_go_out_later(
     engine: AsyncEngine, protocol: Protocol, data_dir: Path
 ) -> None:
-    capture = MailCapture(data_dir / "later")
-    await capture.start()
-    await capture.stop()  # nothing listens on its port now
+    capture = await stopped_capture(data_dir)
     clock = Clock(now_utc())
     cli = replica(engine, protocol, SmtpMailer.from_url(capture.url, timeout=2), clock, "cli")
 
