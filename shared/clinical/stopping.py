@@ -79,6 +79,7 @@ class RuleStatus:
             "stop_at": self.stop_at,
             "crossed": self.crossed,
             "crossed_at_look": self.crossed_at_look,
+            "events_at_crossing": self.events_at_crossing,
             "status": self.status,
             "boundary": [{"n": look.n, "stop_at": look.stop_at} for look in self.boundary.looks],
         }

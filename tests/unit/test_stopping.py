@@ -238,7 +238,8 @@ def test_the_public_status_has_what_the_api_and_the_dsmb_summary_need() -> None:
     public = status.public()
 
     assert set(public) >= {"rule_id", "title", "endpoint", "method", "params", "evaluable", "events",
-                           "stop_at", "crossed", "crossed_at_look", "status", "boundary"}
+                           "stop_at", "crossed", "crossed_at_look", "events_at_crossing", "status", "boundary"}
+    assert (public["crossed_at_look"], public["events_at_crossing"]) == (2, 2)
     assert {k: public[k] for k in ("rule_id", "evaluable", "events", "stop_at", "crossed", "status")} == {
         "rule_id": "crs_grade_3_plus", "evaluable": 3, "events": 2, "stop_at": 2, "crossed": True,
         "status": "crossed"}
