@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from services.notify.charts import Chart, summary_charts
 from services.notify.labels import ENDPOINT_LABELS, INCIDENCE_LABELS, arm_label
-from services.notify.rendering import MAIL_POLICY
+from services.notify.mailer import MAIL_POLICY
 from services.notify.summary import Summary
 
 SUBJECT = "[TrialWatch] DSMB safety summary — data as of {cutoff:%Y-%m-%d}"

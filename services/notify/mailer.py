@@ -7,15 +7,30 @@ the caller's business (``sender.DeliverySender``), so the adapter never retries 
 
 from __future__ import annotations
 
+import email.policy
 import logging
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.utils import getaddresses
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
 log = logging.getLogger(__name__)
+
+# Headers are not folded below RFC 5322's 998-character line limit: the standard policy folds at
+# 78 and, for a subject with a 32-character subject id, puts the whole value on a continuation
+# line, so a compat32 reader sees a subject that starts with a line break. Messages are built with
+# it (rendering.py) and put on the wire with it (aiosmtplib's own flattening would fold again).
+MAIL_POLICY = email.policy.default.clone(max_line_length=998)
+_WIRE_POLICY = MAIL_POLICY.clone(linesep="\r\n", cte_type="7bit")  # 7bit: any server takes it
+
+
+def wire_bytes(message: EmailMessage) -> bytes:
+    """The message as it goes to the SMTP server: CRLF lines, 7-bit clean, headers unfolded."""
+    return message.as_bytes(policy=_WIRE_POLICY)
+
 
 # scheme -> (default port, implicit TLS, STARTTLS)
 _SCHEMES: dict[str, tuple[int, bool, bool]] = {
@@ -91,9 +106,13 @@ class SmtpMailer:
         return f"{mode}://{self.hostname}:{self.port}"
 
     async def send(self, message: EmailMessage) -> None:
+        recipients = [address for _, address in getaddresses(
+            [*message.get_all("To", []), *message.get_all("Cc", [])])]
         try:
             refused, _ = await aiosmtplib.send(
-                message,
+                wire_bytes(message),
+                sender=str(message["From"]),
+                recipients=recipients,
                 hostname=self.hostname,
                 port=self.port,
                 username=self.username,

@@ -8,7 +8,6 @@ safety service should never put them there).
 
 from __future__ import annotations
 
-import email.policy
 import json
 import re
 from dataclasses import dataclass
@@ -23,12 +22,8 @@ from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from services.notify.mailer import MAIL_POLICY
 from shared.events import ALERT_RAISED, ALERT_WITHDRAWN, STOPPING_BOUNDARY_CROSSED
-
-# Headers are not folded below RFC 5322's 998-character line limit: the standard policy folds at
-# 78 and, for a subject with a 32-character subject id, puts the whole value on a continuation
-# line, so a compat32 reader sees a subject that starts with a line break.
-MAIL_POLICY = email.policy.default.clone(max_line_length=998)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PREFIX = "[TrialWatch]"

@@ -1,6 +1,8 @@
 """Alert mail end to end against a real SMTP server (aiosmtpd on loopback) and the test database."""
 
 import asyncio
+import email
+import email.policy
 import re
 import uuid
 from collections import Counter
@@ -23,7 +25,7 @@ from services.notify.deliveries import (
     recipients_for_event,
     recipients_of_alert,
 )
-from services.notify.mailer import Mailer, MailerUnavailable, RecordingMailer, SmtpMailer
+from services.notify.mailer import MAIL_POLICY, Mailer, MailerUnavailable, RecordingMailer, SmtpMailer
 from services.notify.sender import DeliverySender
 from shared.events import (
     ALERT_RAISED,
@@ -271,6 +273,28 @@ async def test_a_withdrawn_notice_never_overtakes_its_alert(engine: AsyncEngine)
 
 
 # --------------------------------------------------------------------------- the adapters
+
+
+async def test_a_long_subject_reaches_the_server_on_one_line_and_every_recipient_gets_it(
+    capture: MailCapture,
+) -> None:
+    subject = "[TrialWatch] URGENT S01-" + "X" * 28 + ": Grade III acute GVHD ≥ stage 3 µg"
+    message = EmailMessage(policy=MAIL_POLICY)
+    message["Subject"], message["From"] = subject, "trialwatch@localhost"
+    message["To"], message["Cc"] = "pi@example.org, dsmb@example.org", "copy@example.org"
+    message.set_content("11.66 µg — " + "x" * 300)
+
+    await SmtpMailer.from_url(capture.url, timeout=5).send(message)
+
+    [eml] = list(capture.folder.glob("*.eml"))
+    raw = eml.read_bytes()
+    assert max(raw) < 128  # 7-bit clean, whatever the server offers
+    subject_line = next(x for x in raw.splitlines() if x.startswith(b"Subject:"))
+    assert subject_line.startswith(b"Subject: [TrialWatch] URGENT S01-" + b"X" * 28 + b": Grade III")
+    assert email.message_from_bytes(raw)["Subject"].startswith("[TrialWatch] URGENT S01-")  # compat32 reader
+    assert email.message_from_bytes(raw, policy=email.policy.default)["Subject"] == subject
+    assert sorted(a.strip() for a in str(capture.messages()[0]["X-Envelope-To"]).split(",")) == [
+        "copy@example.org", "dsmb@example.org", "pi@example.org"]
 
 
 async def test_a_4xx_or_5xx_answer_is_mailer_unavailable(data_dir: Path) -> None:
