@@ -152,7 +152,7 @@ def _decide(cmd: RecordEvent, history: list[StoredEvent], *, protocol: Protocol,
     if expected is not None and expected != actual:  # checked again under the store's lock
         raise VersionMismatch(cmd.subject_id, expected, actual)
     death = recorded_death(history, protocol.tz)
-    after_death = after_death_problems(cmd.body, death)
+    after_death = after_death_problems(cmd.body, death, protocol.tz)
     problems = time_problems(cmd.body, now) + amendment_problems(cmd.body, history) + missing_observations(cmd.body)
     data: dict[str, Any] = {}
     try:

@@ -127,7 +127,7 @@ def test_after_the_recorded_death_only_amendments_are_accepted() -> None:
 
     def refused(history: list[StoredEvent], kind: str, when: datetime, **fields: object) -> list[str]:
         body = BODY.validate_python({"type": kind, "occurred_at": when.isoformat(), **fields})
-        return [p.path for p in after_death_problems(body, recorded_death(history, tz))]
+        return [p.path for p in after_death_problems(body, recorded_death(history, tz), tz)]
 
     alive, dead = [enrolled], [enrolled, death]
     later = NOW + timedelta(days=1)
@@ -135,9 +135,12 @@ def test_after_the_recorded_death_only_amendments_are_accepted() -> None:
     assert refused(dead, "follow_up", later) == ["occurred_at"]
     assert refused(dead, "death", NOW - timedelta(days=1), cause="other") == ["type"]
     assert refused(dead, "follow_up", NOW) == [] and refused(dead, "crs", NOW - timedelta(hours=1), grade=1) == []
+    # Later the same trial-zone day is still the day of death (a death recorded at midnight, say).
+    assert refused(dead, "lab", NOW.astimezone(tz).replace(hour=23, minute=59), test="platelets", value=20,
+                   unit="10^9/L") == []
     assert refused(dead, "retraction", later, retracts_event_id=str(death.event_id), reason="x") == []
     problem = after_death_problems(BODY.validate_python({"type": "relapse", "occurred_at": later.isoformat()}),
-                                   recorded_death(dead, tz))[0]
+                                   recorded_death(dead, tz), tz)[0]
     assert str(death.event_id) in problem.message and "2025-12-01" in problem.message
     # A retracted death no longer counts; a corrected one counts at its corrected time.
     retracted = dead + [stored("retraction", 3, retracts_event_id=str(death.event_id), reason="x")]

@@ -28,12 +28,13 @@ def describe(death: Fact) -> str:
             f"event {death.event_id}); correct or retract that event if it is wrong")
 
 
-def after_death_problems(body: BaseModel, death: Fact | None) -> list[FieldProblem]:
-    """Refuse a second death, and any observation clinically later than the recorded death.
+def after_death_problems(body: BaseModel, death: Fact | None, tz: ZoneInfo) -> list[FieldProblem]:
+    """Refuse a second death, and any observation on a day after the recorded death.
 
     - A ``death`` while a death is recorded is refused (named at ``type``).
-    - Any other observation whose ``occurred_at`` lies after the death's is refused (named at
-      ``occurred_at``); one at the very moment of death is accepted.
+    - Any other observation on a later trial-zone day than the death is refused (named at
+      ``occurred_at``). The day of death itself is accepted whatever the hour: a death is often
+      recorded at midnight or at an approximate time, and that day's labs were drawn before it.
     - Corrections and retractions are not checked: they are how a wrong death is fixed.
     """
     kind = getattr(body, "type", None)
@@ -41,7 +42,7 @@ def after_death_problems(body: BaseModel, death: Fact | None) -> list[FieldProbl
         return []
     if kind == "death":
         return [FieldProblem("type", f"a death is already recorded for this patient: {describe(death)}")]
-    if body.occurred_at > death.occurred_at:  # type: ignore[attr-defined]
+    if body.occurred_at.astimezone(tz).date() > death.day:  # type: ignore[attr-defined]
         return [FieldProblem("occurred_at", f"{body.occurred_at.isoformat()} is after the patient's "  # type: ignore[attr-defined]
                                             f"recorded death: {describe(death)}")]
     return []
