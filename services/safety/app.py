@@ -60,10 +60,16 @@ class SafetyService:
         self.relay.poke()
         if event.type in PATIENT_TYPES and event.subject_id:
             await self.due.reschedule(event.subject_id)
+        await self._reschedule_rechecks()
 
     async def _check(self, subject_id: str | None) -> None:
         await self.monitor.check(subject_id)
         self.relay.poke()
+        await self._reschedule_rechecks()
+
+    async def _reschedule_rechecks(self) -> None:
+        for subject_id in self.monitor.take_rechecks():
+            await self.due.reschedule(subject_id)
 
     async def sweep(self) -> int:
         """Re-evaluate every patient once (start-up: catches what fell due while down)."""

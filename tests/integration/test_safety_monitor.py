@@ -11,6 +11,7 @@ day 18 (day 14 + 3 days grace).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import uuid
@@ -30,12 +31,19 @@ from services.ingest.app import create_app
 from services.ingest.auth import create_token
 from services.safety.handlers import SafetyMonitor
 from shared.clinical.patient import fold_patient
-from shared.events import ALERT_RAISED, ALERT_TYPES, ALERT_WITHDRAWN, StoredEvent, patient_stream
+from shared.events import (
+    ALERT_RAISED,
+    ALERT_TYPES,
+    ALERT_WITHDRAWN,
+    STOPPING_BOUNDARY_CROSSED,
+    StoredEvent,
+    patient_stream,
+)
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store import eventstore
 from shared.store.eventstore import utc
-from shared.store.tables import due_checks, patient_projection
+from shared.store.tables import due_checks, patient_projection, stopping_rule_state
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 DAY1 = datetime(2025, 12, 1, tzinfo=SHANGHAI).date()
@@ -138,8 +146,8 @@ class Ward:
         return utc(due) if due is not None else None
 
 
-@pytest.fixture
-async def ward(engine: AsyncEngine, protocol: Protocol, tmp_path: Path) -> AsyncIterator[Ward]:
+@contextlib.asynccontextmanager
+async def open_ward(engine: AsyncEngine, protocol: Protocol, tmp_path: Path) -> AsyncIterator[Ward]:
     clock = Clock(day(0, 9, 5))
     app = create_app(Settings(data_dir=tmp_path), engine=engine, protocol=protocol)
     app.state.clock = clock
@@ -149,6 +157,19 @@ async def ward(engine: AsyncEngine, protocol: Protocol, tmp_path: Path) -> Async
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest",
                                  headers=headers) as client:
         yield Ward(client, SafetyMonitor(engine, protocol, clock), engine, clock)
+
+
+@pytest.fixture
+async def ward(engine: AsyncEngine, protocol: Protocol, tmp_path: Path) -> AsyncIterator[Ward]:
+    async with open_ward(engine, protocol, tmp_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def trial_ward(own_engine: AsyncEngine, protocol: Protocol, tmp_path: Path) -> AsyncIterator[Ward]:
+    """A ward on a database of its own: the stopping rules see this test's patients alone."""
+    async with open_ward(own_engine, protocol, tmp_path) as opened:
+        yield opened
 
 
 OVERDUE_KIND = "assessment_overdue"
@@ -384,3 +405,38 @@ async def test_the_same_history_recorded_in_any_order_gives_the_same_patient_and
     assert '"crs_max": 3' in view and '"icans_max": null' in view
     kinds = sorted(json.loads(a)["kind"] for a in alerts)
     assert kinds == ["assessment_overdue", "crs_grade_3_plus", "heme_ae_grade_3_plus", "infection_grade_3"]
+
+
+async def test_a_crossing_waits_for_the_trials_records_to_settle_and_is_raised_once_then(
+        trial_ward: Ward) -> None:
+    ward = trial_ward
+    # Two patients with grade 3 CRS, entered a few seconds apart: 2 of the first 2 evaluable
+    # patients cross the CRS boundary (stop at 2 at look 2).
+    ward.clock.set(day(20, 10))
+    subjects = []
+    for n in range(2):
+        subject = await ward.enrol()
+        await ward.record(subject, dose(day(1), 1))
+        await ward.record(subject, {"type": "crs", "occurred_at": day(2 + n).isoformat(), "grade": 3})
+        subjects.append(subject)
+    async with ward.engine.connect() as conn:
+        state = await conn.scalar(select(stopping_rule_state.c.state).where(
+            stopping_rule_state.c.rule_id == "crs_grade_3_plus"))
+    assert state["crossed"] and (state["events"], state["evaluable"], state["stop_at"]) == (2, 2, 2)
+
+    # The state says crossed at once; the urgent alert waits for the entry to settle, and the
+    # latest patient's due check is brought forward to that moment.
+    assert [e for e in await trial_alert_events(ward) if e.type == STOPPING_BOUNDARY_CROSSED] == []
+    assert await ward.due_at(subjects[-1]) == day(20, 10) + SETTLE
+
+    # It settles: the due check raises the crossing, once.
+    ward.clock.set(day(20, 10) + SETTLE)
+    await ward.monitor.check(subjects[-1])
+    await ward.monitor.check(subjects[-1])
+    [crossed] = await trial_alert_events(ward)
+    assert crossed.type == STOPPING_BOUNDARY_CROSSED
+
+
+async def trial_alert_events(ward: Ward) -> list[StoredEvent]:
+    async with ward.engine.connect() as conn:
+        return [e for e in await eventstore.read_types(conn, ALERT_TYPES) if e.subject_id is None]
