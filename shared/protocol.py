@@ -75,9 +75,6 @@ class CohortPlan(_Model):
                 days |= span
         return self
 
-    def dose_for_day(self, day: int) -> float | None:
-        return _dose_on(self.schedule, day)
-
     def doses_for(self, course: int, day: int) -> list[float]:
         """The doses on schedule for ``day`` of ``course``: the schedule's, and for a later course
         also ``later_course_schedule``'s."""

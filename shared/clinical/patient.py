@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from shared.clinical import alerts, endpoints
@@ -68,14 +69,20 @@ class PatientState:
 
     def desired_alerts(self) -> list[AlertRaised]:
         """Every alert this history justifies at ``now`` (alerts.py)."""
-        return alerts.desired_alerts(self.chart, self.deviations)
+        return list(self._desired)
+
+    @cached_property
+    def _desired(self) -> tuple[AlertRaised, ...]:
+        # Computed once per fold: the monitor asks for the alerts, the held ones and the next due
+        # moment (which asks for the held ones) of the same state.
+        return tuple(alerts.desired_alerts(self.chart, self.deviations))
 
     def held_alert_ids(self) -> frozenset[uuid.UUID]:
         """Desired alerts not to raise yet: alerts on something missing while data entry has not
         settled (alerts.py). An open one stays open; the rest wait for ``next_due_at``."""
         if self.chart.settled:
             return frozenset()
-        return frozenset(a.alert_id for a in self.desired_alerts() if alerts.by_absence(a))
+        return frozenset(a.alert_id for a in self._desired if alerts.by_absence(a))
 
     def next_due_at(self) -> datetime | None:
         """The earliest moment after ``now`` at which the alerts change by time alone: an

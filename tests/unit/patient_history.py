@@ -61,7 +61,7 @@ class History:
         self._recorded = max(self._recorded, on)
 
     def dose(self, course: int, day: int, when: datetime, dose_ug: float | None = None) -> StoredEvent:
-        scheduled = PROTOCOL.cohorts[self.cohort].dose_for_day(day)  # type: ignore[index]
+        scheduled = PROTOCOL.cohorts[self.cohort].doses_for(course, day)[0]  # type: ignore[index]
         return self.record("blinatumomab_dose", when, {
             "course": course, "day": day, "dose_ug": dose_ug if dose_ug is not None else scheduled})
 
