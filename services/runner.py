@@ -30,7 +30,14 @@ from shared.protocol import load_protocol
 from shared.settings import Settings
 from shared.store import eventstore
 from shared.store.engine import make_engine, migrate_async
-from shared.store.tables import dead_letters, due_checks, patient_projection, stopping_rule_state
+from shared.store.tables import (
+    dead_letters,
+    due_checks,
+    patient_failures,
+    patient_projection,
+    rule_inputs,
+    stopping_rule_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +169,7 @@ async def replay_projections(settings: Settings) -> int:
     engine = make_engine(settings.resolved_database_url)
     try:
         async with engine.begin() as conn:
-            for table in (patient_projection, stopping_rule_state, due_checks):
+            for table in (patient_projection, stopping_rule_state, due_checks, rule_inputs, patient_failures):
                 await conn.execute(table.delete())
         monitor = SafetyMonitor(engine, load_protocol(settings.protocol), eventstore.now_utc)
         return await monitor.sweep()

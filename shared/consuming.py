@@ -21,10 +21,11 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from faststream import AckPolicy
+from faststream import AckPolicy, Context
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
+from faststream.nats.message import NatsBatchMessage
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -38,6 +39,7 @@ from shared.store.upsert import upsert_returning
 log = logging.getLogger(__name__)
 
 Work = Callable[[AsyncConnection, StoredEvent], Awaitable[None]]
+BatchWork = Callable[[AsyncConnection, list[StoredEvent]], Awaitable[None]]
 
 
 async def process_once(engine: AsyncEngine, consumer: str, event: StoredEvent, work: Work) -> bool:
@@ -55,6 +57,22 @@ async def process_once(engine: AsyncEngine, consumer: str, event: StoredEvent, w
         )
         await work(conn, event)
     return True
+
+
+async def process_batch(engine: AsyncEngine, consumer: str, batch: list[StoredEvent], work: BatchWork) -> list[StoredEvent]:
+    """``process_once`` for many events: the "processed" rows of those not seen before and the
+    work on them, in one transaction; the events that were new (the work saw exactly these)."""
+    async with engine.begin() as conn:
+        ids = list(dict.fromkeys(str(e.event_id) for e in batch))
+        seen = set((await conn.execute(select(processed_messages.c.event_id).where(
+            processed_messages.c.consumer == consumer, processed_messages.c.event_id.in_(ids)))).scalars())
+        fresh = list({str(e.event_id): e for e in batch if str(e.event_id) not in seen}.values())
+        if fresh:
+            now = now_utc()
+            await conn.execute(insert(processed_messages), [
+                {"consumer": consumer, "event_id": str(e.event_id), "processed_at": now} for e in fresh])
+            await work(conn, fresh)
+    return fresh
 
 
 async def record_dead_letter(
@@ -119,24 +137,28 @@ class Subscription:
         self.engine, self.consumer, self.handler, self.max_deliver = engine, consumer, handler, max_deliver
 
     async def handle(self, body: Any, msg: NatsMessage) -> None:
-        raw = msg.raw_message
+        await self.handle_raw(msg.raw_message, body)
+
+    async def handle_raw(self, raw: Any, body: Any = None) -> None:
+        """One message: ``body`` decoded already, or None to decode ``raw.data``."""
         delivered = int(getattr(getattr(raw, "metadata", None), "num_delivered", 1) or 1)
         try:
+            body = raw.data if body is None else body
             event = StoredEvent.model_validate(body if isinstance(body, dict) else json.loads(body))
             await self.handler(event)
         except Exception as exc:
-            await self.failed(msg, delivered, f"{type(exc).__name__}: {exc}")
+            await self.failed(raw, delivered, f"{type(exc).__name__}: {exc}")
             return
         if delivered > 1:  # it failed before (or was only slow): its failure count has done its work
             try:
                 await forget_failures(self.engine, self.consumer, message_key(raw))
             except Exception:  # a stale count names a sequence number never delivered again: harmless
                 log.warning("%s: could not clear the failure count of %s", self.consumer, raw.subject, exc_info=True)
-        await msg.ack()
+        await _ack(raw)
 
-    async def failed(self, msg: NatsMessage, delivered: int, error: str) -> None:
+    async def failed(self, raw: Any, delivered: int, error: str) -> None:
         """Count the failure; retry later, or after ``max_deliver`` failures dead-letter and ack."""
-        raw, key = msg.raw_message, message_key(msg.raw_message)
+        key = message_key(raw)
         try:
             failures = await count_failure(self.engine, self.consumer, key, error)
             if failures >= self.max_deliver:
@@ -147,15 +169,108 @@ class Subscription:
                 await forget_failures(self.engine, self.consumer, key)
         except Exception:  # the database cannot even take the failure: wait for it, never give up
             log.exception("%s: cannot record the failure of %s (%s); will retry", self.consumer, raw.subject, error)
-            await msg.nack(delay=NAK_DELAY_CAP_S)
+            await _nak(raw, NAK_DELAY_CAP_S)
             return
         if failures >= self.max_deliver:
             log.error("%s: gave up on %s after %d failed deliveries (server count %d): %s", self.consumer,
                       raw.subject, failures, delivered, error)
-            await msg.ack()
+            await _ack(raw)
             return
         log.warning("%s: delivery %d of %s failed (%s); will retry", self.consumer, failures, raw.subject, error)
-        await msg.nack(delay=min(2.0 ** failures, NAK_DELAY_CAP_S))
+        await _nak(raw, min(2.0 ** failures, NAK_DELAY_CAP_S))
+
+
+async def _ack(raw: Any) -> None:
+    if not getattr(raw, "_ackd", False):
+        await raw.ack()
+
+
+async def _nak(raw: Any, delay: float) -> None:
+    if not getattr(raw, "_ackd", False):
+        await raw.nak(delay=delay)
+
+
+OUTAGE_NAK_DELAY_S = 2.0
+
+
+class BatchSubscription:
+    """The body of a batch subscriber: many messages, one transaction, acks after the commit.
+
+    ``work`` sees the batch's new events at once (the safety service evaluates each patient once
+    per batch). A batch that fails because the store is out (``is_outage``) is nak'ed whole and
+    comes back; one that fails otherwise is taken apart and its messages handled one by one by
+    ``single``, which counts each one's failures and dead-letters the one that keeps failing, so
+    no message can hold the others back.
+    """
+
+    def __init__(self, engine: AsyncEngine, consumer: str, work: BatchWork, *, max_deliver: int,
+                 is_outage: Callable[[BaseException], bool],
+                 after_commit: Callable[[list[StoredEvent]], Awaitable[None]] | None = None) -> None:
+        self.engine, self.consumer, self.work, self.is_outage = engine, consumer, work, is_outage
+        self.after_commit = after_commit
+        self.single = Subscription(engine, consumer, self._one, max_deliver=max_deliver)
+
+    async def _one(self, event: StoredEvent) -> None:
+        await self._run([event])
+
+    async def _run(self, batch: list[StoredEvent]) -> None:
+        fresh = await process_batch(self.engine, self.consumer, batch, self.work)
+        if self.after_commit is not None and fresh:
+            await self.after_commit(fresh)
+
+    async def handle(self, raws: list[Any]) -> None:
+        parsed: list[tuple[Any, StoredEvent]] = []
+        for raw in raws:
+            try:
+                parsed.append((raw, StoredEvent.model_validate_json(raw.data)))
+            except ValueError:  # not an event: counted, then dead-lettered, on its own
+                await self.single.handle_raw(raw)
+        if not parsed:
+            return
+        try:
+            await self._run([event for _, event in parsed])
+        except Exception as exc:
+            if self.is_outage(exc):
+                log.warning("%s: batch of %d failed (%s); will retry", self.consumer, len(parsed), exc)
+                for raw, _ in parsed:
+                    await _nak(raw, OUTAGE_NAK_DELAY_S)
+                return
+            log.exception("%s: batch of %d failed; handling its messages one by one", self.consumer, len(parsed))
+            for raw, event in parsed:
+                await self.single.handle_raw(raw, event.model_dump(mode="json"))
+            return
+        for raw, _ in parsed:
+            await _ack(raw)
+
+
+def _consumer_config(durable: str) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        deliver_policy=DeliverPolicy.ALL,
+        max_deliver=-1,  # unlimited: only our own count (Subscription.failed) gives up
+        ack_wait=60,
+    )
+
+
+def batch_router(names: BusNames, subscription: BatchSubscription, *, durable: str, batch_size: int) -> NatsRouter:
+    """One durable pull consumer over every event subject, fetched ``batch_size`` at a time.
+
+    Any number of processes may fetch from it: the server hands each batch to one of them.
+    """
+    router = NatsRouter()
+
+    @router.subscriber(
+        names.all_events,
+        stream=JStream(names.stream, declare=False),
+        durable=durable,
+        pull_sub=PullSub(batch_size=batch_size, timeout=0.2, batch=True),
+        config=_consumer_config(durable),
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def on_events(bodies: list[Any], msg: Annotated[NatsBatchMessage, Context("message")]) -> None:
+        await subscription.handle(list(msg.raw_message))
+
+    return router
 
 
 def durable_router(names: BusNames, subscription: Subscription, *, durable: str) -> NatsRouter:
@@ -172,12 +287,7 @@ def durable_router(names: BusNames, subscription: Subscription, *, durable: str)
         stream=JStream(names.stream, declare=False),
         durable=durable,
         pull_sub=PullSub(batch_size=1, timeout=1.0),
-        config=ConsumerConfig(
-            durable_name=durable,
-            deliver_policy=DeliverPolicy.ALL,
-            max_deliver=-1,  # unlimited: only our own count (Subscription.failed) gives up
-            ack_wait=60,
-        ),
+        config=_consumer_config(durable),
         ack_policy=AckPolicy.MANUAL,
     )
     async def on_event(body: Any, msg: NatsMessage) -> None:

@@ -1,4 +1,4 @@
-"""Composition root of the safety service."""
+"""Composition root of the safety service (one worker; run as many as the trial needs)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ from datetime import datetime
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.safety.consumer import DURABLE, build_router
-from services.safety.handlers import SafetyMonitor
-from services.safety.scheduler import DueChecks
+from services.safety.follower import RULES_LEASE, Lease, TrialFollower, bump_rule_inputs
+from services.safety.handlers import SafetyMonitor, is_outage
 from shared.background import Background
 from shared.bus import BusNames, OutboxRelay, ensure_stream
-from shared.consuming import Subscription, process_once
+from shared.consuming import BatchSubscription
 from shared.events import StoredEvent
-from shared.patients import PATIENT_TYPES
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store.engine import make_engine
@@ -31,6 +30,9 @@ def make_broker(url: str) -> NatsBroker:
 
 
 class SafetyService:
+    """A safety worker: evaluates the patients of the batches it fetches; the one that holds the
+    trial follower's lease also evaluates the stopping rules and runs the due checks."""
+
     def __init__(
         self,
         settings: Settings,
@@ -48,31 +50,26 @@ class SafetyService:
         self.protocol = protocol or load_protocol(settings.protocol)
         self.clock = clock
         self.monitor = SafetyMonitor(self.engine, self.protocol, clock)
-        self.due = DueChecks(self.engine, self._check, clock)
         self.relay = OutboxRelay(self.engine, self.broker, self.names)
-        subscription = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
+        self.follower = TrialFollower(self.engine, self.monitor, Lease(self.engine, RULES_LEASE),
+                                      after=self.relay.poke)
+        subscription = BatchSubscription(self.engine, DURABLE, self.work, max_deliver=settings.max_deliver,
+                                         is_outage=is_outage, after_commit=self.after_commit)
         self.broker.include_router(build_router(self.names, subscription))
         self.background = Background()
 
-    async def handle(self, event: StoredEvent) -> None:
-        async with self.monitor._lock:
-            await process_once(self.engine, DURABLE, event, self.monitor.on_event)
-        self.relay.poke()
-        if event.type in PATIENT_TYPES and event.subject_id:
-            await self.due.reschedule(event.subject_id)
-        await self._reschedule_rechecks()
+    async def work(self, conn: AsyncConnection, batch: list[StoredEvent]) -> None:
+        """A batch's patients, each once; the rules' follower is told if their inputs moved."""
+        cause = await self.monitor.on_batch(conn, batch)
+        if cause is not None:
+            await bump_rule_inputs(conn, cause)
 
-    async def _check(self, subject_id: str | None) -> None:
-        await self.monitor.check(subject_id)
+    async def after_commit(self, batch: list[StoredEvent]) -> None:
         self.relay.poke()
-        await self._reschedule_rechecks()
-
-    async def _reschedule_rechecks(self) -> None:
-        for subject_id in self.monitor.take_rechecks():
-            await self.due.reschedule(subject_id)
+        self.follower.poke()
 
     async def sweep(self) -> int:
-        """Re-evaluate every patient once (start-up: catches what fell due while down)."""
+        """Re-evaluate every patient once (what the follower does when it takes the lease)."""
         count = await self.monitor.sweep()
         self.relay.poke()
         return count
@@ -82,12 +79,10 @@ class SafetyService:
 
     async def after_start(self) -> None:
         self.background.start(self.relay.run(self.background.stop))
-        self.due.start()
-        await self.sweep()
-        await self.due.rebuild()
+        await self.follower.lead()  # the first worker sweeps before it counts as started
+        self.background.start(self.follower.run(self.background.stop))
 
     async def before_stop(self) -> None:
-        self.due.shutdown()
         await self.background.close()
 
     def app(self) -> FastStream:

@@ -1,38 +1,52 @@
-"""The safety service's use cases: re-evaluate a patient, re-evaluate the stopping rules.
+"""The safety service's use cases: evaluate the patients a batch of events names, evaluate the
+stopping rules over what the patients' evaluations recorded.
 
 Every decision is a function of the stored history (corrections applied) and the clock:
-- fold the patient's stream (shared/clinical/patient.py) into its state and the alerts it
-  justifies; diff them against the alert log (domain/reconcile.py); append the difference;
-- fold every patient for the stopping rules (shared/clinical/stopping.py) and diff the crossings;
-  a new crossing waits, like alerts on what is missing, until the trial's records have settled
+- a patient's evaluation folds the patient's stream (shared/clinical/patient.py) into its state
+  and the alerts it justifies, diffs them against the patient's alert log (domain/reconcile.py)
+  and appends the difference; in the same transaction it writes the patient's read model: the
+  projection, its next due check, and what it gives each stopping rule (``rule_inputs``);
+- the rules read those rows, never a fold of every patient (eventsourcing's process application
+  and its follower), and diff the crossings against the rules' own alert streams, found by id; a
+  new crossing waits, like alerts on what is missing, until the trial's records have settled
   (protocol ``entry``): a backlog entered patient by patient can cross a rule for a moment and
   uncross it with the next patient, which would be an urgent mail and a withdrawal for nothing;
-- keep the patient's read model and its next due check in the same transaction.
+- each patient is evaluated behind a bulkhead (a savepoint): one whose evaluation raises is set
+  aside with its own failure row and an urgent alert, and everybody else goes on; the rules name
+  the patients they could not count. An outage of the store is not a patient's fault: it fails
+  the whole batch, which is retried;
+- evaluations of one patient are serialised across workers (a PostgreSQL advisory lock taken in
+  subject order, so two batches never wait on each other in a circle).
 Seeing the same event twice, or replaying all of them, therefore appends nothing new.
 """
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-from collections.abc import Callable
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, or_, select, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.safety.domain.reconcile import plan
-from shared.alert_log import AlertView, fold_alerts
+from services.safety.domain.reconcile import Append, plan
+from services.safety.domain.set_aside import evaluation_failed_alert, printable
+from shared.alert_log import fold_alerts
 from shared.clinical.patient import PatientState, fold_patient
-from shared.clinical.stopping import crossing_alert, evaluate_rules
-from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, patient_stream
-from shared.patients import PATIENT_TYPES, load_patient_states
+from shared.clinical.stopping import RuleInput, crossing_alert, evaluate_inputs, rule_inputs
+from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, alert_id_for, alert_stream, patient_stream
+from shared.patients import PATIENT_TYPES
 from shared.protocol import Protocol
 from shared.store import eventstore
-from shared.store.eventstore import utc
-from shared.store.tables import due_checks, events, patient_projection, stopping_rule_state
-from shared.store.upsert import upsert
+from shared.store.eventstore import StoreError, utc
+from shared.store.tables import due_checks, events, patient_failures, patient_projection, stopping_rule_state
+from shared.store.tables import rule_inputs as rule_inputs_table
+from shared.store.upsert import upsert, upsert_returning
+
+log = logging.getLogger(__name__)
 
 STOPPING_KIND = "stopping_boundary_crossed"
 
@@ -56,6 +70,22 @@ def next_moment(state: PatientState) -> datetime | None:
     return min(moments, default=None)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """An error of the store or of concurrency, not of the patient's record: retry the batch.
+
+    A lost or refused connection, a busy SQLite file, a timeout, and another worker that appended
+    the same alert first (the retry then finds it) are nobody's data; everything else raised while
+    evaluating one patient is that patient's, and sets it aside.
+    """
+    if isinstance(exc, OperationalError | InterfaceError | TimeoutError | ConnectionError | StoreError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _lock_key(subject_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(subject_id.encode()).digest()[:8], "big", signed=True)
+
+
 @dataclass(frozen=True)
 class Held:
     """A crossing held back until ``until``, when the records of ``subject_id`` (the latest) settle."""
@@ -67,57 +97,72 @@ class Held:
 class SafetyMonitor:
     def __init__(self, engine: AsyncEngine, protocol: Protocol, clock: Callable[[], datetime]) -> None:
         self.engine, self.protocol, self.clock = engine, protocol, clock
-        self._lock = asyncio.Lock()  # one evaluation at a time in this process
-        self._rechecks: set[str] = set()
+
+    # --- entries -----------------------------------------------------------------------------
+    async def on_batch(self, conn: AsyncConnection, batch: Sequence[StoredEvent]) -> StoredEvent | None:
+        """Consumer entry: evaluate each patient the batch names once, its latest event as the
+        cause. The cause of the last change in what a patient gives the stopping rules, if any
+        changed (the rules must look again, and a withdrawal then says why)."""
+        causes = {e.subject_id: e for e in batch if e.type in PATIENT_TYPES and e.subject_id is not None}
+        changed: StoredEvent | None = None
+        for subject_id in sorted(causes):  # lock order: two workers never wait on each other in a circle
+            if await self.evaluate_guarded(conn, subject_id, cause=causes[subject_id]):
+                changed = causes[subject_id] if changed is None or causes[subject_id].position > changed.position else changed
+        return changed
 
     async def on_event(self, conn: AsyncConnection, event: StoredEvent) -> None:
-        """Consumer entry: a patient's event re-evaluates that patient and the rules."""
-        if event.type not in PATIENT_TYPES or event.subject_id is None:
-            return
-        await self.evaluate_subject(conn, event.subject_id, cause=event)
-        await self._recheck(conn, await self.evaluate_stopping(conn, cause=event))
+        """One event, the patient and then the rules (tests and single-worker callers)."""
+        if await self.on_batch(conn, [event]) is not None:
+            await self.evaluate_stopping(conn, cause=event)
 
     async def check(self, subject_id: str | None) -> None:
         """Scheduler entry: time has passed (a due date); re-evaluate in its own transaction."""
-        async with self._lock, self.engine.begin() as conn:
+        async with self.engine.begin() as conn:
             if subject_id is not None:
-                await self.evaluate_subject(conn, subject_id)
-            await self._recheck(conn, await self.evaluate_stopping(conn))
+                await self.evaluate_guarded(conn, subject_id)
+            await self.evaluate_stopping(conn)
 
-    def take_rechecks(self) -> set[str]:
-        """Patients whose due check was brought forward for a held crossing since the last call
-        (their scheduler jobs must be set again)."""
-        taken, self._rechecks = self._rechecks, set()
-        return taken
-
-    async def _recheck(self, conn: AsyncConnection, held: Held | None) -> None:
-        """Bring the latest-recorded patient's due check forward to when the trial's records
-        will have settled, so a held crossing is raised then."""
-        if held is None:
-            return
-        current = await conn.scalar(select(due_checks.c.due_at).where(due_checks.c.subject_id == held.subject_id))
-        await self._due(conn, held.subject_id, held.until if current is None else min(utc(current), held.until))
-        self._rechecks.add(held.subject_id)
-
-    async def sweep(self) -> int:
-        """Re-evaluate every enrolled patient, each in its own transaction, then the rules once
-        (start-up and ``trialwatch replay``: catches whatever fell due while nothing ran)."""
+    async def sweep(self, *, progress: Callable[[int, int], None] | None = None) -> int:
+        """Re-evaluate every enrolled patient, in batches, then the rules once (start-up and
+        ``trialwatch replay``: catches whatever fell due while nothing ran). A patient that cannot
+        be evaluated is set aside; the sweep goes on."""
         async with self.engine.connect() as conn:
             subjects = (await conn.execute(
                 select(events.c.subject_id).where(events.c.type == PATIENT_ENROLLED).order_by(events.c.position)
             )).scalars().all()
-        for subject_id in subjects:
-            async with self._lock, self.engine.begin() as conn:
-                await self.evaluate_subject(conn, subject_id)
+        for begin in range(0, len(subjects), SWEEP_BATCH):
+            async with self.engine.begin() as conn:
+                for subject_id in sorted(subjects[begin:begin + SWEEP_BATCH]):
+                    await self.evaluate_guarded(conn, subject_id)
+            if progress is not None:
+                progress(min(begin + SWEEP_BATCH, len(subjects)), len(subjects))
         await self.check(None)
         return len(subjects)
 
-    async def evaluate_subject(
-        self, conn: AsyncConnection, subject_id: str, *, cause: StoredEvent | None = None
-    ) -> PatientState | None:
+    # --- one patient ---------------------------------------------------------------------------
+    async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,
+                               cause: StoredEvent | None = None) -> bool:
+        """Evaluate one patient behind its bulkhead; True if the rules must look again."""
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(subject_id)})
+        try:
+            async with conn.begin_nested():
+                changed = await self.evaluate_subject(conn, subject_id, cause=cause)
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            log.exception("safety: patient %s set aside: its evaluation failed", subject_id)
+            await self._set_aside(conn, subject_id, f"{type(exc).__name__}: {exc}")
+            return True
+        recovered = await conn.execute(delete(patient_failures).where(patient_failures.c.subject_id == subject_id))
+        return changed or bool(recovered.rowcount)
+
+    async def evaluate_subject(self, conn: AsyncConnection, subject_id: str, *,
+                               cause: StoredEvent | None = None) -> bool:
+        """Fold, reconcile the patient's alerts, write its read model; True if its rule inputs changed."""
         history = await eventstore.read_stream(conn, patient_stream(subject_id))
         if not any(e.type == PATIENT_ENROLLED for e in history):
-            return None
+            return False
         now = self.clock()
         state = fold_patient(history, self.protocol, now=now)
         alerts = await eventstore.read_types(conn, ALERT_TYPES, subject_id=subject_id)
@@ -130,9 +175,39 @@ class SafetyMonitor:
         await upsert(conn, patient_projection, {
             "subject_id": subject_id, "site_id": public["site_id"], "state": public,
             "last_position": history[-1].position, "updated_at": now,
+            "last_recorded_at": max(e.recorded_at for e in history),
         }, ["subject_id"])
         await self._due(conn, subject_id, next_moment(state))
-        return state
+        return await self._write_rule_inputs(conn, subject_id, rule_inputs(self.protocol, state))
+
+    async def _write_rule_inputs(self, conn: AsyncConnection, subject_id: str, rows: list[RuleInput]) -> bool:
+        table = rule_inputs_table
+        stored = {RuleInput(r.rule_id, r.subject_id, r.arm, r.event, utc(r.evaluable_at),
+                            utc(r.counts_from) if r.counts_from else None)
+                  for r in await conn.execute(select(table).where(table.c.subject_id == subject_id))}
+        wanted = {RuleInput(r.rule_id, r.subject_id, r.arm, r.event, r.evaluable_at.astimezone(UTC),
+                            r.counts_from.astimezone(UTC) if r.counts_from else None) for r in rows}
+        if stored == wanted:
+            return False
+        await conn.execute(delete(table).where(table.c.subject_id == subject_id))
+        if wanted:
+            await conn.execute(insert(table), [vars(r) for r in wanted])
+        return True
+
+    async def _set_aside(self, conn: AsyncConnection, subject_id: str, error: str) -> None:
+        """Record the failure and raise the patient's urgent 'cannot be evaluated' alert, once."""
+        now, error = self.clock(), printable(error, 4000)
+        await upsert_returning(conn, patient_failures, {
+            "subject_id": subject_id, "error": error, "failures": 1, "failed_at": now,
+        }, keys=("subject_id",), increment="failures")
+        await self._due(conn, subject_id, None)  # not monitored until the record changes
+        alert = evaluation_failed_alert(subject_id, await self._site_of(conn, subject_id), error)
+        views = fold_alerts(await eventstore.read_stream(conn, alert_stream(alert.alert_id)))
+        await self._append(conn, plan([alert], views, now=now, withdraw_reason=""))
+
+    async def _site_of(self, conn: AsyncConnection, subject_id: str) -> str | None:
+        site = await conn.scalar(select(patient_projection.c.site_id).where(patient_projection.c.subject_id == subject_id))
+        return printable(site, 32) if site else None
 
     async def _due(self, conn: AsyncConnection, subject_id: str, due: datetime | None) -> None:
         if due is None:
@@ -142,16 +217,22 @@ class SafetyMonitor:
             await upsert(conn, due_checks, {"subject_id": subject_id, "check": "next", "due_at": due.astimezone(UTC),
                                             "done": False}, ["subject_id", "check"])
 
+    # --- the trial -------------------------------------------------------------------------------
     async def evaluate_stopping(self, conn: AsyncConnection, *, cause: StoredEvent | None = None) -> Held | None:
-        """Diff the rules' crossings against the alert log. A new crossing is held back while the
-        trial's records have not settled; then the answer says when, and on whose record."""
+        """Diff the rules' crossings, over the patients' rule inputs, against the rules' alerts. A
+        new crossing is held back while the trial's records have not settled; it is then checked
+        again when they will have (the latest-recorded patient's due check is brought forward)."""
         now = self.clock()
-        states = await load_patient_states(conn, self.protocol, now=now)
-        statuses = evaluate_rules(self.protocol, states)
+        statuses = evaluate_inputs(self.protocol, await read_rule_inputs(conn, now),
+                                   now=now, uncounted=await set_aside_subjects(conn))
         desired = [crossing_alert(self.protocol, s) for s in statuses if s.crossed]
-        existing = await trial_level_alerts(conn)
-        latest = max(states, key=lambda s: s.chart.settled_at, default=None)
-        settling = latest is not None and now < latest.chart.settled_at
+        existing = await stopping_alerts(conn, self.protocol)
+        latest = (await conn.execute(
+            select(patient_projection.c.subject_id, patient_projection.c.last_recorded_at)
+            .where(patient_projection.c.last_recorded_at.is_not(None))
+            .order_by(patient_projection.c.last_recorded_at.desc()).limit(1))).first()
+        settled_at = utc(latest.last_recorded_at) + timedelta(seconds=self.protocol.entry.settle_seconds) if latest else None
+        settling = settled_at is not None and now < settled_at
         held = frozenset(a.alert_id for a in desired
                          if settling and not (a.alert_id in existing and existing[a.alert_id].is_open))
         await self._append(conn, plan(desired, existing, now=now,
@@ -161,13 +242,36 @@ class SafetyMonitor:
             await upsert(conn, stopping_rule_state, {
                 "rule_id": status.rule.id, "state": status.public(), "updated_at": now,
             }, ["rule_id"])
-        return Held(latest.subject_id, latest.chart.settled_at) if held and latest is not None else None
+        if not held or latest is None or settled_at is None:
+            return None
+        current = await conn.scalar(select(due_checks.c.due_at).where(due_checks.c.subject_id == latest.subject_id))
+        await self._due(conn, latest.subject_id, settled_at if current is None else min(utc(current), settled_at))
+        return Held(latest.subject_id, settled_at)
 
-    async def _append(self, conn: AsyncConnection, appends: list) -> None:  # type: ignore[type-arg]
+    async def _append(self, conn: AsyncConnection, appends: list[Append]) -> None:
         for item in appends:
             await eventstore.append(conn, item.stream_id, [item.event], expected_version=item.expected_version)
 
 
-async def trial_level_alerts(conn: AsyncConnection) -> dict[uuid.UUID, AlertView]:
-    events = [e for e in await eventstore.read_types(conn, ALERT_TYPES) if e.subject_id is None]
-    return {k: v for k, v in fold_alerts(events).items() if v.kind == STOPPING_KIND}
+SWEEP_BATCH = 100
+
+
+async def read_rule_inputs(conn: AsyncConnection, now: datetime) -> list[RuleInput]:
+    """The rows that count at ``now`` (a row waiting for its window to close does not yet)."""
+    table = rule_inputs_table
+    rows = await conn.execute(select(table).where(
+        or_(table.c.counts_from.is_(None), table.c.counts_from <= now.astimezone(UTC))))
+    return [RuleInput(r.rule_id, r.subject_id, r.arm, r.event, utc(r.evaluable_at),
+                      utc(r.counts_from) if r.counts_from else None) for r in rows]
+
+
+async def set_aside_subjects(conn: AsyncConnection) -> list[str]:
+    return list((await conn.execute(select(patient_failures.c.subject_id))).scalars())
+
+
+async def stopping_alerts(conn: AsyncConnection, protocol: Protocol) -> dict:  # type: ignore[type-arg]
+    """The rules' own alerts, found by their ids (one stream each), not by reading every alert."""
+    streams = [alert_stream(alert_id_for("stopping", protocol.trial.id, rule.id)) for rule in protocol.stopping_rules]
+    found = [e for stream in streams for e in await eventstore.read_stream(conn, stream)]
+    return {k: v for k, v in fold_alerts(found).items() if v.kind == STOPPING_KIND}
+

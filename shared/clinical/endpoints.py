@@ -79,6 +79,20 @@ def endpoint_at(chart: Chart, name: str, *, count_withdrawn: bool = False,
                 count_dead: bool = False) -> tuple[bool, datetime] | None:
     """The endpoint's value and the moment the patient became evaluable for it (the event, the
     death or withdrawal that counted, or the window's close); ``None`` while not evaluable."""
+    found = endpoint_unless_recorded(chart, name, count_withdrawn=count_withdrawn, count_dead=count_dead)
+    if found is None:
+        return None
+    event, when, counts_from = found
+    return (event, when) if counts_from is None or chart.now >= counts_from else None
+
+
+def endpoint_unless_recorded(chart: Chart, name: str, *, count_withdrawn: bool = False,
+                             count_dead: bool = False) -> tuple[bool, datetime, datetime | None] | None:
+    """What the endpoint will be if nothing more is recorded: (event, evaluable at, counts from).
+
+    ``counts from`` is None when the value holds already, or the window's close when only time
+    has to pass (the stopping rules' read model keeps it, so no clock is frozen into the row).
+    """
     if name not in ENDPOINTS:
         raise UnknownEndpointError(name)
     window_name, hit = ENDPOINTS[name]
@@ -87,12 +101,12 @@ def endpoint_at(chart: Chart, name: str, *, count_withdrawn: bool = False,
         return None
     event = next((f for f in chart.facts if hit(f) and window.contains(f.day)), None)
     if event is not None:
-        return True, event.occurred_at
+        return True, event.occurred_at, None
     left = chart.left
     if left is not None and left.occurred_at < window.closes_at:
         counted = count_dead if left.type == "death" else count_withdrawn
-        return (False, left.occurred_at) if counted else None
-    return (False, window.closes_at) if chart.now >= window.closes_at else None
+        return (False, left.occurred_at, None) if counted else None
+    return False, window.closes_at, window.closes_at
 
 
 def outcome(chart: Chart) -> PatientOutcome:

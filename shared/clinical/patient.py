@@ -120,6 +120,12 @@ class PatientState:
         """As ``endpoint``, with the moment the patient became evaluable (stopping.py orders by it)."""
         return endpoints.endpoint_at(self.chart, name, count_withdrawn=count_withdrawn, count_dead=count_dead)
 
+    def endpoint_unless_recorded(self, name: str, *, count_withdrawn: bool = False,
+                                 count_dead: bool = False) -> tuple[bool, datetime, datetime | None] | None:
+        """As ``endpoint_at`` if nothing more is recorded, with the moment it starts to hold (endpoints.py)."""
+        return endpoints.endpoint_unless_recorded(self.chart, name, count_withdrawn=count_withdrawn,
+                                                  count_dead=count_dead)
+
     def public(self) -> dict[str, Any]:
         """The JSON answer of ``GET /v1/patients/{id}`` (open alerts are added by the API)."""
         chart, enrolled = self.chart, self.chart.enrolment

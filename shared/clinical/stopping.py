@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,6 +40,53 @@ class EvaluablePatient(TypingProtocol):
     ) -> tuple[bool, datetime] | None: ...
 
 
+class RecordedPatient(TypingProtocol):
+    """What the rules' read model needs of a folded patient (PatientState again)."""
+
+    @property
+    def subject_id(self) -> str: ...
+
+    @property
+    def arm(self) -> str: ...
+
+    def endpoint_unless_recorded(
+        self, name: str, *, count_withdrawn: bool = False, count_dead: bool = False
+    ) -> tuple[bool, datetime, datetime | None] | None: ...
+
+
+@dataclass(frozen=True)
+class RuleInput:
+    """What one patient gives one rule, kept by the safety service beside the patient's state.
+
+    The rules are evaluated over these rows, not over folds of every patient: a patient's
+    evaluation writes its rows, the rules read them (eventsourcing's process application and its
+    follower). ``counts_from`` is None when the row counts now, or the moment its window closes
+    when only time has to pass, so the row holds without a clock frozen into it.
+    """
+
+    rule_id: str
+    subject_id: str
+    arm: str
+    event: bool
+    evaluable_at: datetime
+    counts_from: datetime | None = None
+
+    def counts_at(self, now: datetime) -> bool:
+        return self.counts_from is None or now >= self.counts_from
+
+
+def rule_inputs(protocol: Protocol, patient: RecordedPatient) -> list[RuleInput]:
+    """The patient's row for every rule it will count toward if nothing more is recorded."""
+    rows = []
+    for rule in protocol.stopping_rules:
+        found = patient.endpoint_unless_recorded(
+            rule.endpoint, count_withdrawn=rule.count_withdrawn, count_dead=rule.count_dead)
+        if found is not None:
+            event, when, counts_from = found
+            rows.append(RuleInput(rule.id, patient.subject_id, patient.arm, event, when, counts_from))
+    return rows
+
+
 def boundary_for(rule: StoppingRule) -> Boundary:
     if rule.method == "pocock":
         return pocock(rule.p0, rule.p1, rule.n_max, rule.cp0, rule.looks)
@@ -58,11 +105,16 @@ class RuleStatus:
     events_at_crossing: int | None = None
     event_subjects: tuple[str, ...] = field(default=())
     path: tuple[int, ...] = ()  # events among the first n evaluable patients, n = 1, 2, ...
+    # Patients whose records could not be evaluated (set aside by the safety service): the rule
+    # cannot count them, and says so rather than skipping them silently.
+    uncounted: tuple[str, ...] = ()
 
     @property
     def status(self) -> str:
         if self.crossed:
             return "crossed"
+        if self.uncounted:
+            return "incomplete"
         if self.evaluable >= self.rule.n_max:
             return "complete"
         return "monitoring"
@@ -81,12 +133,12 @@ class RuleStatus:
             "crossed_at_look": self.crossed_at_look,
             "events_at_crossing": self.events_at_crossing,
             "status": self.status,
+            "uncounted_subjects": list(self.uncounted),
             "boundary": [{"n": look.n, "stop_at": look.stop_at} for look in self.boundary.looks],
         }
 
 
 def evaluate_rule(rule: StoppingRule, patients: Sequence[EvaluablePatient]) -> RuleStatus:
-    boundary = boundary_for(rule)
     path: list[tuple[datetime, str, bool]] = []
     for patient in patients:
         if patient.arm != MONITORED_ARM:
@@ -97,6 +149,29 @@ def evaluate_rule(rule: StoppingRule, patients: Sequence[EvaluablePatient]) -> R
         if status is not None:
             event, when = status
             path.append((when, patient.subject_id, event))
+    return _tally(rule, path)
+
+
+def evaluate_rules(protocol: Protocol, patients: Sequence[EvaluablePatient]) -> list[RuleStatus]:
+    return [evaluate_rule(rule, patients) for rule in protocol.stopping_rules]
+
+
+def evaluate_inputs(protocol: Protocol, inputs: Iterable[RuleInput], *, now: datetime,
+                    uncounted: Iterable[str] = ()) -> list[RuleStatus]:
+    """The rules over the read model's rows at ``now`` (the same answer as ``evaluate_rules`` over
+    the folded patients); ``uncounted`` names the patients set aside, whom no rule could count."""
+    paths: dict[str, list[tuple[datetime, str, bool]]] = {rule.id: [] for rule in protocol.stopping_rules}
+    for row in inputs:
+        if row.arm == MONITORED_ARM and row.rule_id in paths and row.counts_at(now):
+            paths[row.rule_id].append((row.evaluable_at, row.subject_id, row.event))
+    missing = tuple(sorted(uncounted))
+    return [_tally(rule, paths[rule.id], missing) for rule in protocol.stopping_rules]
+
+
+def _tally(rule: StoppingRule, path: list[tuple[datetime, str, bool]],
+           uncounted: tuple[str, ...] = ()) -> RuleStatus:
+    """Walk the evaluable patients in the order they became evaluable, look by look."""
+    boundary = boundary_for(rule)
     path.sort()
     events, crossed_at, events_at, cumulative = 0, None, None, []
     for n, (_, _, event) in enumerate(path, start=1):
@@ -116,11 +191,8 @@ def evaluate_rule(rule: StoppingRule, patients: Sequence[EvaluablePatient]) -> R
         events_at_crossing=events_at,
         event_subjects=tuple(subject for _, subject, event in path if event),
         path=tuple(cumulative),
+        uncounted=uncounted,
     )
-
-
-def evaluate_rules(protocol: Protocol, patients: Sequence[EvaluablePatient]) -> list[RuleStatus]:
-    return [evaluate_rule(rule, patients) for rule in protocol.stopping_rules]
 
 
 def crossing_alert(protocol: Protocol, status: RuleStatus) -> AlertRaised:

@@ -175,6 +175,33 @@ patient_projection = Table(
     Column("state", JSON, nullable=False),
     Column("last_position", Position, nullable=False),
     Column("updated_at", Tz, nullable=False),
+    # The latest recording in the patient's stream: the trial's records have settled once the
+    # latest of these is ``entry.settle_seconds`` old (a new stopping-rule crossing waits for it).
+    Column("last_recorded_at", Tz, nullable=True, index=True),
+)
+
+# What each patient gives each stopping rule (shared/clinical/stopping.py ``RuleInput``), written
+# with the patient's evaluation; the rules read these rows instead of folding every patient.
+rule_inputs = Table(
+    "rule_inputs",
+    metadata,
+    Column("rule_id", String(64), primary_key=True),
+    Column("subject_id", String(32), primary_key=True),
+    Column("arm", String(32), nullable=False),
+    Column("event", Boolean, nullable=False),
+    Column("evaluable_at", Tz, nullable=False),
+    Column("counts_from", Tz, nullable=True),
+)
+
+# Patients set aside: their evaluation raised, so the others go on being evaluated (the bulkhead).
+# The row goes when the patient evaluates again without error.
+patient_failures = Table(
+    "patient_failures",
+    metadata,
+    Column("subject_id", String(32), primary_key=True),
+    Column("error", Text, nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("failed_at", Tz, nullable=False),  # the latest failure
 )
 
 stopping_rule_state = Table(
@@ -185,12 +212,32 @@ stopping_rule_state = Table(
     Column("updated_at", Tz, nullable=False),
 )
 
+# Who does what exactly once among several safety workers (the stopping rules and the due checks):
+# the holder renews its lease; another takes it over once it has expired.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(100), nullable=False),
+    Column("expires_at", Tz, nullable=False),
+)
+
+# Bumped (in the same transaction) whenever a patient's rule inputs change: the rules' follower
+# looks again when it moves, whichever worker evaluated the patient.
+rule_inputs_version = Table(
+    "rule_inputs_version",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
+    Column("cause_event_id", String(36), nullable=True),
+)
+
 due_checks = Table(
     "due_checks",
     metadata,
     Column("subject_id", String(32), primary_key=True),
     Column("check", String(32), primary_key=True),
-    Column("due_at", Tz, nullable=False),
+    Column("due_at", Tz, nullable=False, index=True),
     Column("done", Boolean, nullable=False, default=False),
 )
 

@@ -1,8 +1,8 @@
 """A message the safety consumer cannot handle: retried, dead-lettered after ``max_deliver``
 deliveries and acked; the operator lists it and replays it once the cause is fixed.
 
-The consumer is the safety service's own subscriber (durable, config, ``Subscription``) around a
-handler the test controls, on real NATS and the session's database.
+The consumer is the services' one-message subscriber (durable, config, ``Subscription``; the
+safety service's batches fall back to it for a batch that fails) around a handler the test controls, on real NATS and the session's database.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runner import list_dead_letters, replay_dead_letter
 from services.safety.app import make_broker
-from services.safety.consumer import DURABLE, build_router
 from shared.bus import ensure_stream
-from shared.consuming import Subscription, message_key, process_once
+from shared.consuming import Subscription, durable_router, message_key, process_once
 from shared.events import StoredEvent
 from shared.settings import Settings
 from shared.store.engine import make_engine
@@ -30,6 +29,7 @@ from shared.store.tables import dead_letters, delivery_failures
 from tests.support.faults import bus_url, caught_up, consumer, fresh_names, names_of, processed, publish  # noqa: F401
 from tests.support.system import eventually
 
+DURABLE = "safety"
 MAX_DELIVER = 3  # nak delays 2 s, then 4 s: a dead letter lands about 6 s after the first delivery
 
 
@@ -64,8 +64,8 @@ async def handler(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Hand
     handler = Handler(engine)
     await ensure_stream(settings.nats_url or "", names_of(settings))
     broker = make_broker(settings.nats_url or "")
-    broker.include_router(build_router(names_of(settings), Subscription(engine, DURABLE, handler,
-                                                                        max_deliver=MAX_DELIVER)))
+    broker.include_router(durable_router(names_of(settings), Subscription(engine, DURABLE, handler,
+                                                                          max_deliver=MAX_DELIVER), durable=DURABLE))
     await broker.start()
     try:
         yield handler
@@ -170,13 +170,14 @@ class Delivery:
         self.raw_message = SimpleNamespace(
             subject=f"{stream.lower()}.events.crs", data=payload,
             metadata=SimpleNamespace(stream=stream, sequence=SimpleNamespace(stream=sequence),
-                                     num_delivered=num_delivered))
+                                     num_delivered=num_delivered),
+            ack=self.ack, nak=self.nak)
         self.answer: tuple[str, float | None] | None = None
 
     async def ack(self) -> None:
         self.answer = ("ack", None)
 
-    async def nack(self, delay: float | None = None) -> None:
+    async def nak(self, delay: float | None = None) -> None:
         self.answer = ("nak", delay)
 
 
