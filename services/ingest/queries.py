@@ -1,7 +1,10 @@
-"""The read side of the API: folds of the event store, computed per request.
+"""The read side of the API.
 
-At trial scale (tens of patients, thousands of events) folding on read is cheap and always
-follows the corrected history; the safety service keeps its own projections for its decisions.
+- A patient: its own stream folded per request (cost of one patient, whatever the trial's size;
+  it answers what was just recorded, before the safety service has seen it) and its own alerts.
+- The stopping rules: the safety service's read model (``rule_inputs``), evaluated at the
+  request's moment; nobody folds every patient to answer.
+- Alerts: the alert log, narrowed to the patient asked about.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.ingest.domain.access import check_site, enrolled_site, visible
 from shared.alert_log import AlertView, fold_alerts
 from shared.clinical.patient import fold_patient
-from shared.clinical.stopping import evaluate_rules
+from shared.clinical.stopping import evaluate_inputs
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, patient_stream
-from shared.patients import load_patient_states
+from shared.patients import read_rule_inputs, set_aside_subjects
 from shared.protocol import Protocol
 from shared.store import eventstore
 
@@ -36,15 +39,15 @@ async def patient_history(conn: AsyncConnection, subject_id: str, *, site_scope:
     return await _history(conn, subject_id, site_scope, as_of)
 
 
-async def _alerts(conn: AsyncConnection) -> list[AlertView]:
-    return list(fold_alerts(await eventstore.read_types(conn, ALERT_TYPES)).values())
+async def _alerts(conn: AsyncConnection, subject_id: str | None = None) -> list[AlertView]:
+    return list(fold_alerts(await eventstore.read_types(conn, ALERT_TYPES, subject_id=subject_id)).values())
 
 
 async def patient_view(conn: AsyncConnection, subject_id: str, *, protocol: Protocol, now: datetime,
                        site_scope: str | None) -> dict[str, Any]:
     """The folded patient state, the patient's open alerts and the stream version (for If-Match)."""
     history = await _history(conn, subject_id, site_scope)
-    open_alerts = [a for a in await _alerts(conn) if a.subject_id == subject_id and a.is_open]
+    open_alerts = [a for a in await _alerts(conn, subject_id) if a.subject_id == subject_id and a.is_open]
     open_alerts.sort(key=lambda a: a.raised_at, reverse=True)
     return fold_patient(history, protocol, now=now).public() | {
         "open_alerts": [a.public() for a in open_alerts],
@@ -66,7 +69,7 @@ async def list_alerts(conn: AsyncConnection, *, site_scope: str | None, subject_
     """
     sites = await _sites(conn) if site_scope is not None else {}
     chosen = [
-        a for a in await _alerts(conn)
+        a for a in await _alerts(conn, subject_id)
         if (subject_id is None or a.subject_id == subject_id)
         and (since is None or a.raised_at >= since)
         and (status is None or a.status == status)
@@ -76,6 +79,7 @@ async def list_alerts(conn: AsyncConnection, *, site_scope: str | None, subject_
 
 
 async def stopping_rules(conn: AsyncConnection, *, protocol: Protocol, now: datetime) -> list[dict[str, Any]]:
-    """Each stopping rule over every patient's folded state (evaluable, events, boundary, status)."""
-    states = await load_patient_states(conn, protocol, now=now)
-    return [rule.public() for rule in evaluate_rules(protocol, states)]
+    """Each stopping rule over the patients' rule inputs (evaluable, events, boundary, status)."""
+    statuses = evaluate_inputs(protocol, await read_rule_inputs(conn, now), now=now,
+                               uncounted=await set_aside_subjects(conn))
+    return [rule.public() for rule in statuses]

@@ -32,7 +32,7 @@ from services.notify.digest_email import render_digest
 from services.notify.mailer import Mailer
 from services.notify.summary import RuleSnapshot, Summary, build_summary
 from shared.clinical.stopping import evaluate_rules
-from shared.patients import load_patient_states
+from shared.patients import fold_patients
 from shared.protocol import Protocol
 from shared.store.eventstore import utc
 from shared.store.tables import digests
@@ -82,13 +82,15 @@ class DigestService:
 
     async def build(self, cutoff: datetime) -> Summary:
         async with self.engine.connect() as conn:
-            states = await load_patient_states(conn, self.protocol, now=cutoff, as_of=cutoff)
+            folded = await fold_patients(conn, self.protocol, now=cutoff, as_of=cutoff)
+        states, uncounted = folded.states, tuple(sorted(folded.failed))
         rules = [
             RuleSnapshot(
                 rule_id=s.rule.id, title=s.rule.title, evaluable=s.evaluable, events=s.events,
                 stop_at=s.stop_at, crossed=s.crossed,
                 looks=tuple((look.n, look.stop_at) for look in s.boundary.looks),
                 crossed_at_look=s.crossed_at_look, events_at_crossing=s.events_at_crossing, path=s.path,
+                uncounted=uncounted,
             )
             for s in evaluate_rules(self.protocol, states)
         ]

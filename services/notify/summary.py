@@ -39,6 +39,8 @@ class RuleSnapshot:
     crossed_at_look: int | None = None
     events_at_crossing: int | None = None
     path: tuple[int, ...] = ()
+    # Patients whose records could not be evaluated: the rule could not count them (say so).
+    uncounted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def _rule_json(rule: RuleSnapshot) -> dict[str, Any]:
         "events_at_crossing": rule.events_at_crossing,
         "title": rule.title,
         "looks": [{"n": n, "stop_at": stop_at} for n, stop_at in rule.looks],
+        "uncounted_subjects": list(rule.uncounted),
     }
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, insert, or_, select, text
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -38,7 +38,7 @@ from shared.alert_log import fold_alerts
 from shared.clinical.patient import PatientState, fold_patient
 from shared.clinical.stopping import RuleInput, crossing_alert, evaluate_inputs, rule_inputs
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, alert_id_for, alert_stream, patient_stream
-from shared.patients import PATIENT_TYPES
+from shared.patients import PATIENT_TYPES, read_rule_inputs, set_aside_subjects
 from shared.protocol import Protocol
 from shared.store import eventstore
 from shared.store.eventstore import StoreError, utc
@@ -254,19 +254,6 @@ class SafetyMonitor:
 
 
 SWEEP_BATCH = 100
-
-
-async def read_rule_inputs(conn: AsyncConnection, now: datetime) -> list[RuleInput]:
-    """The rows that count at ``now`` (a row waiting for its window to close does not yet)."""
-    table = rule_inputs_table
-    rows = await conn.execute(select(table).where(
-        or_(table.c.counts_from.is_(None), table.c.counts_from <= now.astimezone(UTC))))
-    return [RuleInput(r.rule_id, r.subject_id, r.arm, r.event, utc(r.evaluable_at),
-                      utc(r.counts_from) if r.counts_from else None) for r in rows]
-
-
-async def set_aside_subjects(conn: AsyncConnection) -> list[str]:
-    return list((await conn.execute(select(patient_failures.c.subject_id))).scalars())
 
 
 async def stopping_alerts(conn: AsyncConnection, protocol: Protocol) -> dict:  # type: ignore[type-arg]
