@@ -211,9 +211,9 @@ class BatchSubscription:
         self.single = Subscription(engine, consumer, self._one, max_deliver=max_deliver)
 
     async def _one(self, event: StoredEvent) -> None:
-        await self._run([event])
+        await self.run([event])
 
-    async def _run(self, batch: list[StoredEvent]) -> None:
+    async def run(self, batch: list[StoredEvent]) -> None:
         fresh = await process_batch(self.engine, self.consumer, batch, self.work)
         if self.after_commit is not None and fresh:
             await self.after_commit(fresh)
@@ -228,7 +228,7 @@ class BatchSubscription:
         if not parsed:
             return
         try:
-            await self._run([event for _, event in parsed])
+            await self.run([event for _, event in parsed])
         except Exception as exc:
             if self.is_outage(exc):
                 log.warning("%s: batch of %d failed (%s); will retry", self.consumer, len(parsed), exc)
@@ -243,16 +243,17 @@ class BatchSubscription:
             await _ack(raw)
 
 
-def _consumer_config(durable: str) -> ConsumerConfig:
+def _consumer_config(durable: str, ack_wait: float) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=durable,
         deliver_policy=DeliverPolicy.ALL,
         max_deliver=-1,  # unlimited: only our own count (Subscription.failed) gives up
-        ack_wait=60,
+        ack_wait=ack_wait,
     )
 
 
-def batch_router(names: BusNames, subscription: BatchSubscription, *, durable: str, batch_size: int) -> NatsRouter:
+def batch_router(names: BusNames, subscription: BatchSubscription, *, durable: str, batch_size: int,
+                 ack_wait: float = 60.0) -> NatsRouter:
     """One durable pull consumer over every event subject, fetched ``batch_size`` at a time.
 
     Any number of processes may fetch from it: the server hands each batch to one of them.
@@ -264,7 +265,7 @@ def batch_router(names: BusNames, subscription: BatchSubscription, *, durable: s
         stream=JStream(names.stream, declare=False),
         durable=durable,
         pull_sub=PullSub(batch_size=batch_size, timeout=0.2, batch=True),
-        config=_consumer_config(durable),
+        config=_consumer_config(durable, ack_wait),
         ack_policy=AckPolicy.MANUAL,
     )
     async def on_events(bodies: list[Any], msg: Annotated[NatsBatchMessage, Context("message")]) -> None:
@@ -273,7 +274,8 @@ def batch_router(names: BusNames, subscription: BatchSubscription, *, durable: s
     return router
 
 
-def durable_router(names: BusNames, subscription: Subscription, *, durable: str) -> NatsRouter:
+def durable_router(names: BusNames, subscription: Subscription, *, durable: str,
+                   ack_wait: float = 60.0) -> NatsRouter:
     """One durable pull consumer over every event subject, explicit acks.
 
     One message at a time (batch_size=1, one worker): a pull subscriber with several workers
@@ -287,7 +289,7 @@ def durable_router(names: BusNames, subscription: Subscription, *, durable: str)
         stream=JStream(names.stream, declare=False),
         durable=durable,
         pull_sub=PullSub(batch_size=1, timeout=1.0),
-        config=_consumer_config(durable),
+        config=_consumer_config(durable, ack_wait),
         ack_policy=AckPolicy.MANUAL,
     )
     async def on_event(body: Any, msg: NatsMessage) -> None:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     public_base_url: str | None = None
     relay_interval_s: float = 0.2
     max_deliver: int = 5
+    # How long the broker waits for a consumer's ack before it hands the message to another
+    # (a worker killed mid-batch): its messages come back after this.
+    ack_wait_s: float = 60.0
 
     @field_validator("investigator_emails", "dsmb_emails", mode="before")
     @classmethod

@@ -53,9 +53,9 @@ class SafetyService:
         self.relay = OutboxRelay(self.engine, self.broker, self.names)
         self.follower = TrialFollower(self.engine, self.monitor, Lease(self.engine, RULES_LEASE),
                                       after=self.relay.poke)
-        subscription = BatchSubscription(self.engine, DURABLE, self.work, max_deliver=settings.max_deliver,
-                                         is_outage=is_outage, after_commit=self.after_commit)
-        self.broker.include_router(build_router(self.names, subscription))
+        self.subscription = BatchSubscription(self.engine, DURABLE, self.work, max_deliver=settings.max_deliver,
+                                              is_outage=is_outage, after_commit=self.after_commit)
+        self.broker.include_router(build_router(self.names, self.subscription, ack_wait=settings.ack_wait_s))
         self.background = Background()
 
     async def work(self, conn: AsyncConnection, batch: list[StoredEvent]) -> None:
@@ -63,6 +63,10 @@ class SafetyService:
         cause = await self.monitor.on_batch(conn, batch)
         if cause is not None:
             await bump_rule_inputs(conn, cause)
+
+    async def handle(self, event: StoredEvent) -> None:
+        """One event as a batch of one (what a single-message subscriber calls)."""
+        await self.subscription.run([event])
 
     async def after_commit(self, batch: list[StoredEvent]) -> None:
         self.relay.poke()

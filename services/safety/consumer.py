@@ -13,5 +13,5 @@ BATCH_SIZE = 50  # a batch is one transaction: large enough to share the work, s
 
 
 def build_router(names: BusNames, subscription: BatchSubscription, *, durable: str = DURABLE,
-                 batch_size: int = BATCH_SIZE) -> NatsRouter:
-    return batch_router(names, subscription, durable=durable, batch_size=batch_size)
+                 batch_size: int = BATCH_SIZE, ack_wait: float = 60.0) -> NatsRouter:
+    return batch_router(names, subscription, durable=durable, batch_size=batch_size, ack_wait=ack_wait)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -41,7 +43,8 @@ class Lease:
     def __init__(self, engine: AsyncEngine, name: str, *, ttl: timedelta = timedelta(seconds=5),
                  holder: str | None = None) -> None:
         self.engine, self.name, self.ttl = engine, name, ttl
-        self.holder = holder or f"safety-{uuid.uuid4().hex[:12]}"
+        # Host and process id first: an operator (and a test) can tell which worker leads.
+        self.holder = holder or f"safety-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._until: datetime | None = None
 
     async def hold(self) -> bool:

@@ -23,9 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.safety.app import SafetyService
 from services.safety.consumer import DURABLE as SAFETY
-from services.safety.consumer import build_router
 from shared.bus import BusNames
-from shared.consuming import Subscription
+from shared.consuming import Subscription, durable_router
 from shared.embedded_nats import EmbeddedNats
 from shared.events import StoredEvent
 from shared.settings import Settings
@@ -181,7 +180,7 @@ class DyingSafety:
         # No graceful shutdown: a killed process does not wait for the message in its hands.
         self.broker = NatsBroker(settings.nats_url or "", graceful_timeout=None)
         subscription = Subscription(system.engine, SAFETY, self.handle, max_deliver=settings.max_deliver)
-        self.broker.include_router(build_router(names_of(settings), subscription))
+        self.broker.include_router(durable_router(names_of(settings), subscription, durable=SAFETY))
 
     async def handle(self, event: StoredEvent) -> None:
         if event.type != self.event_type:

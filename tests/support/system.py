@@ -46,7 +46,7 @@ class RunningSystem:
     settings: Settings
     engine: AsyncEngine
     capture: MailCapture
-    safety: SafetyService
+    safety: SafetyService  # the in-process one (``with_safety=False``: workers of the test's own)
     notify: NotifyService
     server: uvicorn.Server
     tokens: dict[str, str] = field(default_factory=dict)
@@ -65,13 +65,14 @@ class RunningSystem:
 
 
 async def start_system(settings: Settings, engine: AsyncEngine, capture: MailCapture, *,
-                       clock: Callable[[], datetime] = now_utc) -> RunningSystem:
+                       clock: Callable[[], datetime] = now_utc, with_safety: bool = True) -> RunningSystem:
     assert settings.nats_url and settings.smtp_url
     safety = SafetyService(settings, nats_url=settings.nats_url, engine=engine, clock=clock)
     notify = NotifyService(settings, nats_url=settings.nats_url, smtp_url=settings.smtp_url, engine=engine,
                            clock=clock)
     safety_app, notify_app = safety.app(), notify.app()
-    await safety_app.start()
+    if with_safety:
+        await safety_app.start()
     await notify_app.start()
     api = ingest_app(settings, engine, settings.nats_url)
     api.state.clock = clock  # one clock for the whole system: what is recorded, and what is checked
@@ -87,7 +88,7 @@ async def start_system(settings: Settings, engine: AsyncEngine, capture: MailCap
     async with engine.begin() as conn:
         for role, site in (("admin", None), ("investigator", None), ("site_staff", "S01"), ("dsmb", None)):
             system.tokens[role] = await create_token(conn, user=f"test-{role}", role=role, site_id=site)
-    system._apps = (safety_app, notify_app)  # type: ignore[attr-defined]
+    system._apps = (safety_app, notify_app) if with_safety else (notify_app,)  # type: ignore[attr-defined]
     return system
 
 
