@@ -116,7 +116,15 @@ def replay() -> None:
     from services.runner import replay_projections
 
     _logging()
-    count = asyncio.run(replay_projections(_settings()))
+    if not sys.stdout.isatty():
+        count = asyncio.run(replay_projections(_settings()))
+    else:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("replaying patients", total=None)
+            count = asyncio.run(replay_projections(
+                _settings(), progress=lambda done, total: bar.update(task, completed=done, total=total)))
     typer.echo(f"rebuilt the projections of {count} patients and the stopping rules")
 
 

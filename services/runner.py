@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -163,7 +163,7 @@ async def run_notify(settings: Settings) -> None:
     await _run_until_signal(service.app())
 
 
-async def replay_projections(settings: Settings) -> int:
+async def replay_projections(settings: Settings, *, progress: Callable[[int, int], None] | None = None) -> int:
     """Drop the safety read models and fold every patient again from the event store."""
     await migrate_async(settings.resolved_database_url)
     engine = make_engine(settings.resolved_database_url)
@@ -172,7 +172,7 @@ async def replay_projections(settings: Settings) -> int:
             for table in (patient_projection, stopping_rule_state, due_checks, rule_inputs, patient_failures):
                 await conn.execute(table.delete())
         monitor = SafetyMonitor(engine, load_protocol(settings.protocol), eventstore.now_utc)
-        return await monitor.sweep()
+        return await monitor.replay(progress=progress)
     finally:
         await engine.dispose()
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, insert, select, text
@@ -86,6 +86,14 @@ def _lock_key(subject_id: str) -> int:
     return int.from_bytes(hashlib.sha256(subject_id.encode()).digest()[:8], "big", signed=True)
 
 
+@dataclass
+class Known:
+    """One patient's events as read in bulk: its stream, and the alerts about it."""
+
+    history: list[StoredEvent] = field(default_factory=list)
+    alerts: list[StoredEvent] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Held:
     """A crossing held back until ``until``, when the records of ``subject_id`` (the latest) settle."""
@@ -122,7 +130,7 @@ class SafetyMonitor:
                 await self.evaluate_guarded(conn, subject_id)
             await self.evaluate_stopping(conn)
 
-    async def sweep(self, *, progress: Callable[[int, int], None] | None = None) -> int:
+    async def sweep(self) -> int:
         """Re-evaluate every enrolled patient, in batches, then the rules once (start-up and
         ``trialwatch replay``: catches whatever fell due while nothing ran). A patient that cannot
         be evaluated is set aside; the sweep goes on."""
@@ -134,6 +142,25 @@ class SafetyMonitor:
             async with self.engine.begin() as conn:
                 for subject_id in sorted(subjects[begin:begin + SWEEP_BATCH]):
                     await self.evaluate_guarded(conn, subject_id)
+        await self.check(None)
+        return len(subjects)
+
+    async def replay(self, *, progress: Callable[[int, int], None] | None = None) -> int:
+        """Rebuild every patient's read model from one pass over the log (``trialwatch replay``):
+        the patients' and the alerts' events are read in position order, in pages, grouped by
+        patient, and each patient is evaluated once, ``SWEEP_BATCH`` to a transaction; then the
+        rules once. ``progress(done, total)`` is told after each transaction."""
+        known: dict[str, Known] = {}
+        async with self.engine.connect() as conn:
+            async for event in eventstore.stream_types(conn, PATIENT_TYPES | ALERT_TYPES):
+                if event.subject_id is not None:
+                    bucket = known.setdefault(event.subject_id, Known())
+                    (bucket.alerts if event.type in ALERT_TYPES else bucket.history).append(event)
+        subjects = sorted(s for s, k in known.items() if any(e.type == PATIENT_ENROLLED for e in k.history))
+        for begin in range(0, len(subjects), SWEEP_BATCH):
+            async with self.engine.begin() as conn:
+                for subject_id in subjects[begin:begin + SWEEP_BATCH]:
+                    await self.evaluate_guarded(conn, subject_id, known=known.pop(subject_id))
             if progress is not None:
                 progress(min(begin + SWEEP_BATCH, len(subjects)), len(subjects))
         await self.check(None)
@@ -141,13 +168,13 @@ class SafetyMonitor:
 
     # --- one patient ---------------------------------------------------------------------------
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,
-                               cause: StoredEvent | None = None) -> bool:
+                               cause: StoredEvent | None = None, known: Known | None = None) -> bool:
         """Evaluate one patient behind its bulkhead; True if the rules must look again."""
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(subject_id)})
         try:
             async with conn.begin_nested():
-                changed = await self.evaluate_subject(conn, subject_id, cause=cause)
+                changed = await self.evaluate_subject(conn, subject_id, cause=cause, known=known)
         except Exception as exc:
             if is_outage(exc):
                 raise
@@ -158,14 +185,18 @@ class SafetyMonitor:
         return changed or bool(recovered.rowcount)
 
     async def evaluate_subject(self, conn: AsyncConnection, subject_id: str, *,
-                               cause: StoredEvent | None = None) -> bool:
-        """Fold, reconcile the patient's alerts, write its read model; True if its rule inputs changed."""
-        history = await eventstore.read_stream(conn, patient_stream(subject_id))
+                               cause: StoredEvent | None = None, known: Known | None = None) -> bool:
+        """Fold, reconcile the patient's alerts, write its read model; True if its rule inputs changed.
+        ``known``: the patient's stream and alert events when the caller read them already (replay)."""
+        if known is None:
+            history = await eventstore.read_stream(conn, patient_stream(subject_id))
+            alerts = await eventstore.read_types(conn, ALERT_TYPES, subject_id=subject_id)
+        else:
+            history, alerts = known.history, known.alerts
         if not any(e.type == PATIENT_ENROLLED for e in history):
             return False
         now = self.clock()
         state = fold_patient(history, self.protocol, now=now)
-        alerts = await eventstore.read_types(conn, ALERT_TYPES, subject_id=subject_id)
         existing = {k: v for k, v in fold_alerts(alerts).items() if v.kind != STOPPING_KIND}
         await self._append(conn, plan(state.desired_alerts(), existing, now=now,
                                       withdraw_reason=withdraw_reason(cause),

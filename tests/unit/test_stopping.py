@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from shared.clinical.stopping import MONITORED_ARM, boundary_for, crossing_alert, evaluate_rule
+from shared.clinical.stopping import (
+    MONITORED_ARM,
+    boundary_for,
+    crossing_alert,
+    evaluate_inputs,
+    evaluate_rule,
+    evaluate_rules,
+    rule_inputs,
+)
 from shared.events import alert_id_for
 from shared.protocol import Protocol, StoppingRule
 from tests.unit.patient_history import History, at
@@ -286,3 +294,46 @@ def test_the_alert_states_the_boundary_at_the_count_it_states(protocol: Protocol
     assert (facts["events"], facts["evaluable"], facts["stop_at"]) == (2, 11, 4) == (
         status.events, status.evaluable, status.stop_at)
     assert (facts["events_at_crossing"], facts["evaluable_at_crossing"], facts["stop_at_crossing"]) == (2, 2, 2)
+
+
+# --------------------------------------------------------------------------- the read model
+
+def _trial(n: int) -> list[History]:
+    """Real streams of every shape the rules tell apart: the event, none, death, withdrawal,
+    a DLI (the 100-day rules), usual care, a course still running."""
+    histories = []
+    for i in range(n):
+        start = date(2025, 3, 3) + timedelta(days=3 * i)
+        h = History(enrolled=start - timedelta(days=1), arm="usual_care" if i % 7 == 6 else "blinatumomab_dli")
+        h.course(1, start, 5)
+        if i % 3 == 0:
+            h.crs(at(start + timedelta(days=2)), 3)
+        if i % 4 == 1:
+            h.dli(at(start + timedelta(days=16)))
+            if i % 8 == 1:
+                h.agvhd(at(start + timedelta(days=40)), 3)
+        if i % 5 == 2:
+            h.death(at(start + timedelta(days=9)), cause="infection" if i % 2 else "relapse")
+        if i % 11 == 3:
+            h.withdrawal(at(start + timedelta(days=4)))
+        histories.append(h)
+    return histories
+
+
+@pytest.mark.parametrize("days_later", [0, 5, 12, 30, 120, 400])
+def test_the_rules_over_rows_written_once_agree_with_the_rules_over_every_fold_at_any_later_moment(
+        protocol: Protocol, days_later: int) -> None:
+    # The rows are written when each patient was last evaluated; only time passes afterwards.
+    histories = _trial(40)
+    written = datetime(2025, 6, 1, tzinfo=UTC)
+    rows = [row for h in histories for row in rule_inputs(protocol, h.fold(written))]
+    now = written + timedelta(days=days_later)
+    from_rows = evaluate_inputs(protocol, rows, now=now)
+    from_folds = evaluate_rules(protocol, [h.fold(now) for h in histories])
+    assert [s.public() for s in from_rows] == [s.public() for s in from_folds]
+    assert any(s.evaluable for s in from_rows)
+
+
+def test_a_rule_that_cannot_count_a_patient_says_so(protocol: Protocol) -> None:
+    [status, *_] = evaluate_inputs(protocol, [], now=T0, uncounted=["S01-009"])
+    assert status.status == "incomplete" and status.public()["uncounted_subjects"] == ["S01-009"]
