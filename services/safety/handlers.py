@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -95,6 +96,23 @@ class Known:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """What one patient's evaluation writes: alert appends, its projection, its next due moment,
+    its rows for the stopping rules."""
+
+    subject_id: str
+    appends: list[Append]
+    projection: dict[str, Any]
+    due: datetime | None
+    rule_rows: list[RuleInput]
+
+
+def _in_utc(row: RuleInput) -> RuleInput:
+    return replace(row, evaluable_at=row.evaluable_at.astimezone(UTC),
+                   counts_from=row.counts_from.astimezone(UTC) if row.counts_from else None)
+
+
+@dataclass(frozen=True)
 class Held:
     """A crossing held back until ``until``, when the records of ``subject_id`` (the latest) settle."""
 
@@ -158,13 +176,38 @@ class SafetyMonitor:
                     (bucket.alerts if event.type in ALERT_TYPES else bucket.history).append(event)
         subjects = sorted(s for s, k in known.items() if any(e.type == PATIENT_ENROLLED for e in k.history))
         for begin in range(0, len(subjects), SWEEP_BATCH):
-            async with self.engine.begin() as conn:
-                for subject_id in subjects[begin:begin + SWEEP_BATCH]:
-                    await self.evaluate_guarded(conn, subject_id, known=known.pop(subject_id))
+            batch = {subject_id: known.pop(subject_id) for subject_id in subjects[begin:begin + SWEEP_BATCH]}
+            try:
+                async with self.engine.begin() as conn:
+                    await self._replay_batch(conn, batch)
+            except Exception as exc:  # one of them cannot be written: each behind its bulkhead
+                if is_outage(exc):
+                    raise
+                async with self.engine.begin() as conn:
+                    for subject_id, one in batch.items():
+                        await self.evaluate_guarded(conn, subject_id, known=one)
             if progress is not None:
                 progress(min(begin + SWEEP_BATCH, len(subjects)), len(subjects))
         await self.check(None)
         return len(subjects)
+
+    async def _replay_batch(self, conn: AsyncConnection, batch: dict[str, Known]) -> None:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
+                               {"keys": [_lock_key(s) for s in sorted(batch)]})
+        decisions, failed = [], {}
+        for subject_id, one in batch.items():
+            try:
+                decision = self.decide(one)
+            except Exception as exc:
+                failed[subject_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            if decision is not None:
+                decisions.append(decision)
+        await self.write_many(conn, decisions)
+        for subject_id, error in failed.items():
+            log.error("safety: patient %s set aside: its evaluation failed (%s)", subject_id, error)
+            await self._set_aside(conn, subject_id, error)
 
     # --- one patient ---------------------------------------------------------------------------
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,
@@ -189,35 +232,55 @@ class SafetyMonitor:
         """Fold, reconcile the patient's alerts, write its read model; True if its rule inputs changed.
         ``known``: the patient's stream and alert events when the caller read them already (replay)."""
         if known is None:
-            history = await eventstore.read_stream(conn, patient_stream(subject_id))
-            alerts = await eventstore.read_types(conn, ALERT_TYPES, subject_id=subject_id)
-        else:
-            history, alerts = known.history, known.alerts
-        if not any(e.type == PATIENT_ENROLLED for e in history):
+            known = Known(await eventstore.read_stream(conn, patient_stream(subject_id)),
+                          await eventstore.read_types(conn, ALERT_TYPES, subject_id=subject_id))
+        decision = self.decide(known, cause)
+        if decision is None:
             return False
+        await self._append(conn, decision.appends)
+        await upsert(conn, patient_projection, decision.projection, ["subject_id"])
+        await self._due(conn, subject_id, decision.due)
+        return await self._write_rule_inputs(conn, subject_id, decision.rule_rows)
+
+    def decide(self, known: Known, cause: StoredEvent | None = None) -> Decision | None:
+        """What one patient's evaluation writes (pure: the store is not touched); None if not enrolled."""
+        history = known.history
+        if not any(e.type == PATIENT_ENROLLED for e in history):
+            return None
         now = self.clock()
         state = fold_patient(history, self.protocol, now=now)
-        existing = {k: v for k, v in fold_alerts(alerts).items() if v.kind != STOPPING_KIND}
-        await self._append(conn, plan(state.desired_alerts(), existing, now=now,
-                                      withdraw_reason=withdraw_reason(cause),
-                                      causation=cause.event_id if cause else None,
-                                      held=state.held_alert_ids()))
+        existing = {k: v for k, v in fold_alerts(known.alerts).items() if v.kind != STOPPING_KIND}
+        appends = plan(state.desired_alerts(), existing, now=now, withdraw_reason=withdraw_reason(cause),
+                       causation=cause.event_id if cause else None, held=state.held_alert_ids())
         public = state.public()
-        await upsert(conn, patient_projection, {
-            "subject_id": subject_id, "site_id": public["site_id"], "state": public,
-            "last_position": history[-1].position, "updated_at": now,
-            "last_recorded_at": max(e.recorded_at for e in history),
-        }, ["subject_id"])
-        await self._due(conn, subject_id, next_moment(state))
-        return await self._write_rule_inputs(conn, subject_id, rule_inputs(self.protocol, state))
+        projection = {"subject_id": state.subject_id, "site_id": public["site_id"], "state": public,
+                      "last_position": history[-1].position, "updated_at": now,
+                      "last_recorded_at": max(e.recorded_at for e in history)}
+        return Decision(state.subject_id, appends, projection, next_moment(state),
+                        [_in_utc(r) for r in rule_inputs(self.protocol, state)])
+
+    async def write_many(self, conn: AsyncConnection, decisions: list[Decision]) -> None:
+        """Many patients' decisions in a few statements (replay): their old rows go, the new come."""
+        subjects = [d.subject_id for d in decisions]
+        await self._append(conn, [a for d in decisions for a in d.appends])
+        for table in (patient_projection, due_checks, rule_inputs_table, patient_failures):
+            await conn.execute(delete(table).where(table.c.subject_id.in_(subjects)))
+        if decisions:
+            await conn.execute(insert(patient_projection), [d.projection for d in decisions])
+        due = [{"subject_id": d.subject_id, "check": "next", "due_at": d.due.astimezone(UTC), "done": False}
+               for d in decisions if d.due is not None]
+        if due:
+            await conn.execute(insert(due_checks), due)
+        rows = [vars(r) for d in decisions for r in d.rule_rows]
+        if rows:
+            await conn.execute(insert(rule_inputs_table), rows)
 
     async def _write_rule_inputs(self, conn: AsyncConnection, subject_id: str, rows: list[RuleInput]) -> bool:
         table = rule_inputs_table
         stored = {RuleInput(r.rule_id, r.subject_id, r.arm, r.event, utc(r.evaluable_at),
                             utc(r.counts_from) if r.counts_from else None)
                   for r in await conn.execute(select(table).where(table.c.subject_id == subject_id))}
-        wanted = {RuleInput(r.rule_id, r.subject_id, r.arm, r.event, r.evaluable_at.astimezone(UTC),
-                            r.counts_from.astimezone(UTC) if r.counts_from else None) for r in rows}
+        wanted = set(rows)
         if stored == wanted:
             return False
         await conn.execute(delete(table).where(table.c.subject_id == subject_id))

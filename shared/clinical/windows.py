@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
+from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -40,27 +41,27 @@ class Window:
     grace_days: int
     tz: ZoneInfo
 
-    @property
+    @cached_property
     def anchor(self) -> date | None:
         return self.anchor_fact.day if self.anchor_fact else None
 
-    @property
+    @cached_property
     def start(self) -> date | None:
         return self.anchor
 
-    @property
+    @cached_property
     def end(self) -> date | None:
         return self.anchor + timedelta(days=self.length_days - 1) if self.anchor else None
 
-    @property
+    @cached_property
     def due(self) -> date | None:
         return self.end + timedelta(days=self.grace_days) if self.end else None
 
-    @property
+    @cached_property
     def closes_at(self) -> datetime | None:
         return self._midnight_after(self.end)
 
-    @property
+    @cached_property
     def overdue_from(self) -> datetime | None:
         return self._midnight_after(self.due)
 

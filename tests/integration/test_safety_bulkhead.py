@@ -82,6 +82,11 @@ async def test_a_record_that_cannot_be_folded_sets_its_patient_aside_and_everybo
     assert len(await ward.alerts(poisoned, SET_ASIDE)) == 1
     assert len(await ward.alerts(healthy, "crs_grade_3_plus")) == 1
 
+    # And `trialwatch replay`, which writes many patients at once, sets it aside the same way.
+    assert await ward.monitor.replay() == 2
+    assert await failures(ward) == {poisoned: 3}
+    assert len(await ward.alerts(poisoned, SET_ASIDE)) == 1
+
     # Retracting the bad record brings the patient back: the alert is withdrawn, the row goes.
     await ward.record(poisoned, {"type": "retraction", "occurred_at": day(3, 12).isoformat(),
                                  "retracts_event_id": str(bad.event_id), "reason": "imported in error"})
