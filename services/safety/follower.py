@@ -25,7 +25,7 @@ from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.safety.handlers import SafetyMonitor
+from services.safety.handlers import SafetyMonitor, lock_patients
 from shared.events import StoredEvent
 from shared.store import eventstore
 from shared.store.eventstore import now_utc
@@ -130,6 +130,7 @@ class TrialFollower:
         if not due and version == self._seen:
             return False
         async with self.engine.begin() as conn:
+            await lock_patients(conn, due)
             for subject_id in sorted(set(due)):
                 await self.monitor.evaluate_guarded(conn, subject_id)
             await self.monitor.evaluate_stopping(conn, cause=cause if version != self._seen else None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -71,20 +71,40 @@ def next_moment(state: PatientState) -> datetime | None:
     return min(moments, default=None)
 
 
+# PostgreSQL error classes that are the server's state, not the data: connection (08), a
+# transaction rolled back by a deadlock or a serialisation failure (40), resources (53), operator
+# intervention (57), system (58); and a lock not available (55P03).
+OUTAGE_CLASSES = ("08", "40", "53", "57", "58")
+
+
 def is_outage(exc: BaseException) -> bool:
     """An error of the store or of concurrency, not of the patient's record: retry the batch.
 
-    A lost or refused connection, a busy SQLite file, a timeout, and another worker that appended
-    the same alert first (the retry then finds it) are nobody's data; everything else raised while
-    evaluating one patient is that patient's, and sets it aside.
+    A lost or refused connection, a busy SQLite file, a timeout, a deadlock the server broke, and
+    another worker that appended the same alert first (the retry then finds it) are nobody's
+    data; everything else raised while evaluating one patient is that patient's, and sets it aside.
     """
     if isinstance(exc, OperationalError | InterfaceError | TimeoutError | ConnectionError | StoreError):
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if isinstance(exc, DBAPIError):
+        state = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+        return bool(exc.connection_invalidated) or state[:2] in OUTAGE_CLASSES or state == "55P03"
+    return False
 
 
 def _lock_key(subject_id: str) -> int:
     return int.from_bytes(hashlib.sha256(subject_id.encode()).digest()[:8], "big", signed=True)
+
+
+async def lock_patients(conn: AsyncConnection, subjects: Iterable[str]) -> None:
+    """Take the patients' evaluation locks (PostgreSQL advisory locks, held to the end of the
+    transaction) at once and in one order, before anything else: every transaction that evaluates
+    patients and then appends (which takes the chain head) takes them so, so none waits on
+    another in a circle. SQLite serialises writers anyway."""
+    keys = sorted({_lock_key(s) for s in subjects})
+    if keys and conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
+                           {"keys": keys})
 
 
 @dataclass
@@ -130,8 +150,9 @@ class SafetyMonitor:
         cause. The cause of the last change in what a patient gives the stopping rules, if any
         changed (the rules must look again, and a withdrawal then says why)."""
         causes = {e.subject_id: e for e in batch if e.type in PATIENT_TYPES and e.subject_id is not None}
+        await lock_patients(conn, causes)
         changed: StoredEvent | None = None
-        for subject_id in sorted(causes):  # lock order: two workers never wait on each other in a circle
+        for subject_id in sorted(causes):
             if await self.evaluate_guarded(conn, subject_id, cause=causes[subject_id]):
                 changed = causes[subject_id] if changed is None or causes[subject_id].position > changed.position else changed
         return changed
@@ -158,6 +179,7 @@ class SafetyMonitor:
             )).scalars().all()
         for begin in range(0, len(subjects), SWEEP_BATCH):
             async with self.engine.begin() as conn:
+                await lock_patients(conn, subjects[begin:begin + SWEEP_BATCH])
                 for subject_id in sorted(subjects[begin:begin + SWEEP_BATCH]):
                     await self.evaluate_guarded(conn, subject_id)
         await self.check(None)
@@ -192,9 +214,7 @@ class SafetyMonitor:
         return len(subjects)
 
     async def _replay_batch(self, conn: AsyncConnection, batch: dict[str, Known]) -> None:
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
-                               {"keys": [_lock_key(s) for s in sorted(batch)]})
+        await lock_patients(conn, batch)
         decisions, failed = [], {}
         for subject_id, one in batch.items():
             try:
@@ -213,8 +233,7 @@ class SafetyMonitor:
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,
                                cause: StoredEvent | None = None, known: Known | None = None) -> bool:
         """Evaluate one patient behind its bulkhead; True if the rules must look again."""
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(subject_id)})
+        await lock_patients(conn, [subject_id])  # a no-op when the caller took it with the others
         try:
             async with conn.begin_nested():
                 changed = await self.evaluate_subject(conn, subject_id, cause=cause, known=known)
