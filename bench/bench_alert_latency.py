@@ -102,6 +102,12 @@ async def open_loop(client: httpx.AsyncClient, subjects: list[str], rate: int, s
     return sent, errors
 
 
+def start_service(role: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "services", role], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -126,9 +132,8 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path) -> dict[
            "TRIALWATCH_SMTP_URL": f"smtp://127.0.0.1:{smtp.port}", "TRIALWATCH_HTTP_PORT": str(port),
            "TRIALWATCH_STREAM_NAME": f"TWLAT_{tag}", "TRIALWATCH_SUBJECT_PREFIX": f"twlat{tag}",
            "TRIALWATCH_INVESTIGATOR_EMAILS": ",".join(INVESTIGATORS), "TRIALWATCH_DATA_DIR": str(tmp / tag)}
-    services = [subprocess.Popen([sys.executable, "-m", "services", role], env=env,  # noqa: ASYNC220
-                                 stdout=subprocess.DEVNULL, stderr=open(Path(os.environ.get("BENCH_LOG_DIR", tmp)) / f"{role}-{tag}.log", "wb"))  # noqa: SIM115
-                for role in ("ingest", "safety", "notify")]
+    logs = Path(os.environ.get("BENCH_LOG_DIR", tmp))  # the services' logs, kept where BENCH_LOG_DIR says
+    services = [start_service(role, env, logs / f"{role}-{tag}.log") for role in ("ingest", "safety", "notify")]
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
                                      headers={"Authorization": f"Bearer {token}"},
