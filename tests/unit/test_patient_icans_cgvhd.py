@@ -110,3 +110,15 @@ def test_events_stored_before_findings_were_taken_fold_as_before() -> None:
     cgvhd = only(state, "cgvhd")
     assert "NIH global severity moderate" in cgvhd.detail and "Record the NIH organ scores" in cgvhd.action
     assert state.endpoint("icans_any_2w") is True
+
+
+def test_the_outcome_carries_the_worst_chronic_gvhd_severity_recorded_at_any_time() -> None:
+    h = on_course()
+    dli = h.dli(at(day(15)))
+    assert h.fold(at(day(20))).outcome().cgvhd_severity is None
+    posted(h, "gvhd", dli.occurred_at + timedelta(days=60), form="chronic", organ_scores={"lungs": 1})
+    posted(h, "gvhd", dli.occurred_at + timedelta(days=150), form="chronic", organ_scores={"eyes": 3})
+    posted(h, "gvhd", dli.occurred_at + timedelta(days=200), form="chronic", severity="mild")
+    state = h.fold(dli.occurred_at + timedelta(days=201))
+    assert state.outcome().cgvhd_severity == "severe"  # after day 100, too
+    assert state.outcome().endpoints["cgvhd_any_100d"] is True  # the day-60 one is in the window
