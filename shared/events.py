@@ -204,8 +204,8 @@ class Icans(_Body):
 
     Deriving a grade takes all of ``FINDINGS`` (ingest names each one missing); the other domains
     (``OPTIONAL_FINDINGS``) count as absent when not given. An unarousable patient cannot perform
-    the ICE assessment, so ``unarousable`` goes with ``ice_score`` 0 only (ASTCT: "0, patient is
-    unarousable and unable to perform ICE").
+    the ICE assessment (ASTCT: "0, patient is unarousable and unable to perform ICE"), so
+    ``unarousable`` goes with ``ice_score`` 0 or none given, which is then read as 0.
     """
 
     FINDINGS: ClassVar[tuple[str, ...]] = ("ice_score", "consciousness")
@@ -224,8 +224,15 @@ class Icans(_Body):
         return bool(self.given_findings)
 
     @property
+    def missing_findings(self) -> tuple[str, ...]:
+        """Of ``FINDINGS``, those not given (the ICE score is not missing for an unarousable patient)."""
+        unarousable = self.consciousness == "unarousable"
+        return tuple(n for n in self.FINDINGS
+                     if getattr(self, n) is None and not (n == "ice_score" and unarousable))
+
+    @property
     def has_all_findings(self) -> bool:
-        return all(getattr(self, name) is not None for name in self.FINDINGS)
+        return not self.missing_findings
 
     @property
     def given_findings(self) -> tuple[str, ...]:
@@ -302,8 +309,9 @@ class Gvhd(_Body):
         else:
             if self.severity is None and self.organ_scores is None:
                 raise ValueError("chronic GVHD needs severity (mild, moderate, severe) or organ_scores")
-            if self.grade is not None or self.has_findings:
-                raise ValueError("chronic GVHD takes severity or organ_scores, not grade or acute organ findings")
+            acute = [n for n in ("grade", *self.given_findings) if getattr(self, n) is not None]
+            if acute:
+                raise ValueError(f"{acute[0]} is for acute GVHD; chronic GVHD takes severity or organ_scores")
             if self.organ_scores is not None and not any(self.organ_scores.scores().values()):
                 raise ValueError("organ_scores need at least one organ scored above 0 (all 0 is no chronic GVHD)")
         return self

@@ -16,8 +16,10 @@ Choices (each with its source):
 - Choice: ICE 0 in an *awake* patient is grade 3 (ICE row 0-2); it is grade 4 only when the patient
   is unarousable, which the consciousness domain gives (ASTCT table 5 footnote: "a patient with an
   ICE score of 0 may be classified as grade 3 ICANS if awake with global aphasia, but ... grade 4
-  ICANS if unarousable"). An unarousable patient cannot perform the ICE assessment, so the body
-  refuses ``unarousable`` with an ICE score above 0 (``shared.events.Icans``).
+  ICANS if unarousable"). An unarousable patient cannot perform the ICE assessment (ICE row, grade
+  4: "0, patient is unarousable and unable to perform ICE"), so the body refuses ``unarousable``
+  with an ICE score above 0 (``shared.events.Icans``), and an ICE score left out for an unarousable
+  patient is read as 0.
 - Choice: ``alert`` is no depressed consciousness (domain 0); ASTCT's grade-1 row "awakens
   spontaneously" is a drowsy patient, so it is grade 1 even with ICE 10 (ASTCT table 5). Voice is
   grade 2, touch grade 3, unarousable grade 4 (DOMAIN.md a, ASTCT table 5; not the "voice = 1"
@@ -70,6 +72,8 @@ def _level(table: Mapping[str, int], name: str, value: str | None) -> int:
 def icans_domains(*, ice_score: int | None, consciousness: str | None, seizure: str | None = None,
                   motor_weakness: bool | None = None, raised_icp: str | None = None) -> dict[str, int]:
     """Each domain's grade 0-4 (the table above); a domain not given is 0."""
+    if ice_score is None and consciousness == "unarousable":
+        ice_score = 0  # unable to perform ICE
     return {
         "ice": ice_level(ice_score),
         "consciousness": _level(CONSCIOUSNESS_LEVEL, "consciousness", consciousness),

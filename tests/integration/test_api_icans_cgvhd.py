@@ -64,7 +64,19 @@ async def test_an_icans_grade_the_findings_contradict_is_422_naming_grade_and_fi
     unarousable = await post_event(client, tokens["staff_s01"], patient,
                                    body("icans", {"ice_score": 6, "consciousness": "unarousable"}))
     assert unarousable.status_code == 422 and paths(unarousable) == ["ice_score"]
+    # Acute-only fields on chronic GVHD name the field that does not belong.
+    acute_field = await post_event(client, tokens["staff_s01"], patient,
+                                   body("gvhd", {"form": "chronic", "severity": "mild", "bilirubin_mg_dl": 3.0}))
+    assert acute_field.status_code == 422 and paths(acute_field) == ["bilirubin_mg_dl"]
     assert await stored_count(engine, patient) == 1
+
+
+async def test_an_unarousable_patient_needs_no_ice_score(
+        client: httpx.AsyncClient, tokens: dict[str, str], patient: str) -> None:
+    """ASTCT ICE row, grade 4: "0 (patient is unarousable and unable to perform ICE)"."""
+    answer = await post_event(client, tokens["staff_s01"], patient, body("icans", {"consciousness": "unarousable"}))
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["data"] == {"consciousness": "unarousable", "grade": 4, "scale": "ASTCT-2019"}
 
 
 async def test_chronic_gvhd_from_organ_scores_stores_severity_and_scale_beside_the_scores(

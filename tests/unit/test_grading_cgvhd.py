@@ -111,8 +111,8 @@ def test_a_posted_severity_the_organ_scores_contradict_is_refused(protocol: Prot
     ({"organ_scores": {"skin": 4}}, "skin"),
     ({"organ_scores": {"kidney": 1}}, "kidney"),
     ({"organ_scores": {"skin": True}}, "skin"),
-    ({"organ_scores": {"skin": 1}, "grade": 2}, "not grade"),
-    ({"organ_scores": {"skin": 1}, "skin_bsa_pct": 20}, "not grade"),
+    ({"organ_scores": {"skin": 1}, "grade": 2}, "grade is for acute GVHD"),
+    ({"severity": "mild", "skin_bsa_pct": 20}, "skin_bsa_pct is for acute GVHD"),
 ])
 def test_chronic_bodies_outside_the_contract_are_refused(fields: dict[str, Any], named: str) -> None:
     with pytest.raises(ValidationError, match=named):

@@ -124,6 +124,13 @@ def test_astct_2019_domains_not_given_count_as_absent() -> None:
         "ice": 0, "consciousness": 0, "seizure": 0, "motor": 0, "raised_icp": 0}
 
 
+def test_astct_2019_an_unarousable_patient_without_an_ice_score_scores_ice_0(protocol: Protocol) -> None:
+    """ASTCT ICE row, grade 4: "0 (patient is unarousable and unable to perform ICE)"."""
+    assert icans_domains(ice_score=None, consciousness="unarousable")["ice"] == 3
+    data = derive_data(icans(consciousness="unarousable"), protocol)
+    assert data == {"consciousness": "unarousable", "grade": 4, "scale": "ASTCT-2019"}
+
+
 def test_astct_2019_unknown_domain_values_are_refused() -> None:
     with pytest.raises(ValueError, match="consciousness"):
         grade(10, "sleepy")

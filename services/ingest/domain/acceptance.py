@@ -75,16 +75,20 @@ def missing_observations(body: BaseModel) -> list[FieldProblem]:
 
     - CRS without a posted ``grade``: each of ``max_temp_c``, ``hypotension``, ``vasopressors`` and
       ``oxygen`` that is missing is named; ``vasopressin`` and ``anticytokine_given`` are optional.
-    - ICANS without a posted ``grade``: ``ice_score`` and ``consciousness`` each, if missing;
-      ``seizure``, ``motor_weakness`` and ``raised_icp`` are optional (absent when not given).
+    - ICANS without a posted ``grade``: ``ice_score`` and ``consciousness`` each, if missing (an
+      unarousable patient needs no ICE score: it is 0); ``seizure``, ``motor_weakness`` and
+      ``raised_icp`` are optional (absent when not given).
     - With a posted grade, observations are optional: those given must agree with it.
     """
     prefix, observed = _observed(body)
     if not isinstance(observed, Crs | Icans) or observed.grade is not None:
         return []
-    kind, required = ("CRS", Crs.OBSERVATIONS) if isinstance(observed, Crs) else ("ICANS", Icans.FINDINGS)
+    if isinstance(observed, Crs):
+        kind, missing = "CRS", tuple(n for n in Crs.OBSERVATIONS if getattr(observed, n) is None)
+    else:
+        kind, missing = "ICANS", observed.missing_findings
     return [FieldProblem(prefix + name, f"required to derive the {kind} grade (or post grade 1-4 instead)")
-            for name in required if getattr(observed, name) is None]
+            for name in missing]
 
 
 def _given(observed: BaseModel) -> tuple[str, ...]:
