@@ -32,7 +32,7 @@ class GradeConflict(ValueError):
         self.derived_text = f"{'at least ' if at_least else ''}{field} {derived}"
         super().__init__(
             f"{kind} {field} {given} was given but the observations derive {self.derived_text}; "
-            "correct the grade or the observations, or send only one of them"
+            f"correct the {field} or the observations, or send only one of them"
         )
 
 

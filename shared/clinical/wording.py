@@ -77,7 +77,8 @@ def icans_basis(f: Fact) -> str:
     seen += [SEIZURE[d["seizure"]]] if d.get("seizure") in SEIZURE else []
     seen += ["deep focal motor weakness"] if d.get("motor_weakness") else []
     seen += [RAISED_ICP[d["raised_icp"]]] if d.get("raised_icp") in RAISED_ICP else []
-    if d.get("ice_score") is not None and d.get("consciousness") is not None:
+    assessed = d.get("ice_score") is not None or d.get("consciousness") == "unarousable"
+    if assessed and d.get("consciousness") is not None:
         return f"derived ASTCT grade {f.grade} from {', '.join(seen)}"
     return f"reported ASTCT grade {f.grade}" + (f" ({', '.join(seen)})" if seen else "")
 

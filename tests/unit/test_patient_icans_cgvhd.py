@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta
 from typing import Any
 
+import pytest
 from pydantic import TypeAdapter
 
 from shared.clinical.grading import derive_data
@@ -122,3 +123,18 @@ def test_the_outcome_carries_the_worst_chronic_gvhd_severity_recorded_at_any_tim
     state = h.fold(dli.occurred_at + timedelta(days=201))
     assert state.outcome().cgvhd_severity == "severe"  # after day 100, too
     assert state.outcome().endpoints["cgvhd_any_100d"] is True  # the day-60 one is in the window
+
+
+@pytest.mark.parametrize("fields, basis", [
+    ({"ice_score": 0, "consciousness": "alert", "raised_icp": "focal_edema"},
+     "derived ASTCT grade 3 from ICE 0/10, alert, focal cerebral oedema"),
+    ({"consciousness": "unarousable"}, "derived ASTCT grade 4 from unarousable"),
+    ({"ice_score": 6, "consciousness": "awakens_to_touch", "motor_weakness": True},
+     "derived ASTCT grade 4 from ICE 6/10, awakens only to touch, deep focal motor weakness"),
+    ({"grade": 4, "seizure": "resolved"}, "reported ASTCT grade 4 (seizure resolved rapidly)"),
+    ({"grade": 3}, "reported ASTCT grade 3"),
+])
+def test_the_icans_alert_says_what_the_grade_rests_on(fields: dict[str, Any], basis: str) -> None:
+    h = on_course()
+    posted(h, "icans", at(day(6)), **fields)
+    assert basis in only(h.fold(NOW), "icans_grade_3_plus").detail
