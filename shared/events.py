@@ -206,6 +206,9 @@ class Icans(_Body):
     (``OPTIONAL_FINDINGS``) count as absent when not given. An unarousable patient cannot perform
     the ICE assessment (ASTCT: "0, patient is unarousable and unable to perform ICE"), so
     ``unarousable`` goes with ``ice_score`` 0 or none given, which is then read as 0.
+
+    Stored data keeps its shape (``grade``, ``scale``, plus the findings as given), so events
+    recorded with a bare grade before findings were taken fold unchanged: no upcast, schema 1.
     """
 
     FINDINGS: ClassVar[tuple[str, ...]] = ("ice_score", "consciousness")
@@ -270,7 +273,8 @@ class OrganScores(Frozen):
 
 class Gvhd(_Body):
     """Acute: a MAGIC grade 1-4 or the organ findings; chronic: the NIH global severity, or the
-    NIH 2014 organ scores it is derived from."""
+    NIH 2014 organ scores it is derived from (stored beside ``severity``; a chronic event stored
+    with a bare severity has the same shape, so it folds unchanged: no upcast, schema 1)."""
 
     FINDINGS: ClassVar[tuple[str, ...]] = ("skin_bsa_pct", "bullae", "bilirubin_mg_dl", "upper_gi", "stool_ml_day",
                                            "severe_abdominal_pain")
@@ -298,23 +302,29 @@ class Gvhd(_Body):
 
     @model_validator(mode="after")
     def _form_fields(self) -> Gvhd:
-        if self.form == "acute":
-            if self.severity is not None:
-                raise ValueError("severity is for chronic GVHD; acute GVHD takes grade or organ findings")
-            if self.organ_scores is not None:
-                raise ValueError("organ_scores are for chronic GVHD; acute GVHD takes grade or organ findings")
-            if self.grade is None and not self.has_findings:
-                raise ValueError("acute GVHD needs grade (1-4) or organ findings (skin_bsa_pct, "
-                                 "bullae, bilirubin_mg_dl, upper_gi, stool_ml_day, severe_abdominal_pain)")
-        else:
-            if self.severity is None and self.organ_scores is None:
-                raise ValueError("chronic GVHD needs severity (mild, moderate, severe) or organ_scores")
-            acute = [n for n in ("grade", *self.given_findings) if getattr(self, n) is not None]
-            if acute:
-                raise ValueError(f"{acute[0]} is for acute GVHD; chronic GVHD takes severity or organ_scores")
-            if self.organ_scores is not None and not any(self.organ_scores.scores().values()):
-                raise ValueError("organ_scores need at least one organ scored above 0 (all 0 is no chronic GVHD)")
+        problem = self._acute_problem() if self.form == "acute" else self._chronic_problem()
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def _acute_problem(self) -> str | None:
+        chronic = next((n for n in ("severity", "organ_scores") if getattr(self, n) is not None), None)
+        if chronic:
+            return f"{chronic} is for chronic GVHD; acute GVHD takes grade or organ findings"
+        if self.grade is None and not self.has_findings:
+            return ("acute GVHD needs grade (1-4) or organ findings (skin_bsa_pct, bullae, bilirubin_mg_dl, "
+                    "upper_gi, stool_ml_day, severe_abdominal_pain)")
+        return None
+
+    def _chronic_problem(self) -> str | None:
+        if self.severity is None and self.organ_scores is None:
+            return "chronic GVHD needs severity (mild, moderate, severe) or organ_scores"
+        acute = next((n for n in ("grade", *self.given_findings) if getattr(self, n) is not None), None)
+        if acute:
+            return f"{acute} is for acute GVHD; chronic GVHD takes severity or organ_scores"
+        if self.organ_scores is not None and not any(self.organ_scores.scores().values()):
+            return "organ_scores need at least one organ scored above 0 (all 0 is no chronic GVHD)"
+        return None
 
 
 class Infection(_Body):

@@ -120,6 +120,6 @@ def test_chronic_bodies_outside_the_contract_are_refused(fields: dict[str, Any],
 
 
 def test_organ_scores_are_refused_on_acute_gvhd() -> None:
-    with pytest.raises(ValidationError, match="organ_scores are for chronic GVHD"):
+    with pytest.raises(ValidationError, match="organ_scores is for chronic GVHD"):
         _BODY.validate_python({"type": "gvhd", "form": "acute", "occurred_at": WHEN, "grade": 2,
                                "organ_scores": {"skin": 1}})
