@@ -147,7 +147,7 @@ def _icans(chart: Chart, f: Fact) -> Draft | None:
     seizures = _seizures(chart, f)
     action = actions.icans(g, chart.enrolment.weight_kg, dose_ug, seizures)
     finding = icans_basis(f) + (f" on {dose_ug:g} µg/day" if dose_ug else "")
-    numbers = {"grade": g, "dose_ug": dose_ug, "seizures": seizures}
+    numbers = {"grade": g, "dose_ug": dose_ug} | ({"seizures": seizures} if seizures else {})
     if g >= 3:
         return _event(chart, f, "icans_grade_3_plus", f"Grade {g} ICANS", finding, "icans_grade>=3",
                       "ICANS of grade 3 or more is urgent", action, numbers)

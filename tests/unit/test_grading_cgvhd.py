@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
 from shared.clinical.cgvhd_severity import ORGANS, cgvhd_severity
@@ -123,3 +125,28 @@ def test_organ_scores_are_refused_on_acute_gvhd() -> None:
     with pytest.raises(ValidationError, match="organ_scores is for chronic GVHD"):
         _BODY.validate_python({"type": "gvhd", "form": "acute", "occurred_at": WHEN, "grade": 2,
                                "organ_scores": {"skin": 1}})
+
+
+# --------------------------------------------------------------------------- properties
+
+scores = st.dictionaries(st.sampled_from(ORGANS), st.integers(0, 3), min_size=1).filter(lambda s: any(s.values()))
+RANK = {"mild": 1, "moderate": 2, "severe": 3}
+
+
+@given(scores, st.sampled_from(ORGANS))
+def test_nih_2014_a_higher_organ_score_never_lowers_the_severity(found: dict[str, int], organ: str) -> None:
+    worse = found | {organ: min(3, found.get(organ, 0) + 1)}
+    assert RANK[cgvhd_severity(worse) or ""] >= RANK[cgvhd_severity(found) or ""]
+
+
+@given(scores)
+def test_nih_2014_severity_follows_the_published_definitions(found: dict[str, int]) -> None:
+    """DOMAIN.md c, read independently of the implementation's top-down order."""
+    lungs, involved = found.get("lungs", 0), sum(1 for v in found.values() if v)
+    others = [v for k, v in found.items() if k != "lungs"]
+    severe = max(others, default=0) == 3 or lungs >= 2
+    moderate = not severe and (involved >= 3 or 2 in others or lungs == 1)
+    mild = involved in (1, 2) and max(found.values()) <= 1 and lungs == 0
+    assert [severe, moderate, mild].count(True) == 1  # the definitions partition every case
+    expected = "severe" if severe else "moderate" if moderate else "mild"
+    assert cgvhd_severity(found) == expected

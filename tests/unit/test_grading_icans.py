@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
 from shared.clinical.grading import GradeConflict, derive_data
@@ -186,3 +188,31 @@ def test_an_unarousable_patient_with_an_ice_score_above_0_is_refused() -> None:
 def test_icans_bodies_outside_the_contract_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         icans(**fields)
+
+
+# --------------------------------------------------------------------------- properties
+
+findings = st.fixed_dictionaries({
+    "ice_score": st.integers(0, 10),
+    "consciousness": st.sampled_from(["alert", "awakens_spontaneously", "awakens_to_voice", "awakens_to_touch"]),
+    "seizure": st.sampled_from(["none", "resolved", "prolonged_or_repetitive"]),
+    "motor_weakness": st.booleans(),
+    "raised_icp": st.sampled_from(["none", "focal_edema", "diffuse_edema_or_signs"]),
+})
+
+
+@given(findings, st.sampled_from(["ice_score", "consciousness", "seizure", "motor_weakness", "raised_icp"]))
+def test_astct_2019_a_worse_finding_never_lowers_the_grade(found: dict[str, Any], domain: str) -> None:
+    """The most severe domain wins (ASTCT table 5), so worsening one domain can only raise the grade."""
+    worse = {"ice_score": max(0, found["ice_score"] - 1), "consciousness": "awakens_to_touch",
+             "seizure": "prolonged_or_repetitive", "motor_weakness": True,
+             "raised_icp": "diffuse_edema_or_signs"}[domain]
+    assert icans_grade(**found | {domain: worse}) >= icans_grade(**found)
+
+
+@given(findings)
+def test_astct_2019_grade_is_0_exactly_when_every_domain_is_normal(found: dict[str, Any]) -> None:
+    normal = (found["ice_score"] == 10 and found["consciousness"] == "alert" and found["seizure"] == "none"
+              and not found["motor_weakness"] and found["raised_icp"] == "none")
+    assert (icans_grade(**found) == 0) == normal
+    assert 0 <= icans_grade(**found) <= 4
