@@ -121,3 +121,13 @@ async def test_a_correction_is_graded_and_checked_like_a_new_event(
         "replacement": body("icans", {"grade": 2, "ice_score": 1, "consciousness": "alert"})}))
     assert conflict.status_code == 422
     assert paths(conflict) == ["replacement.grade", "replacement.ice_score", "replacement.consciousness"]
+    incomplete = await post_event(client, token, patient, body("correction", {
+        "corrects_event_id": first["event_id"], "reason": "x", "replacement": body("icans", {"ice_score": 4})}))
+    assert incomplete.status_code == 422 and paths(incomplete) == ["replacement.consciousness"]
+    cgvhd = (await post_event(client, token, patient, body("gvhd", {"form": "chronic", "severity": "mild"}))).json()
+    rescored = await post_event(client, token, patient, body("correction", {
+        "corrects_event_id": cgvhd["event_id"], "reason": "scored at clinic",
+        "replacement": body("gvhd", {"form": "chronic", "organ_scores": {"mouth": 2}})}))
+    assert rescored.status_code == 201 and rescored.json()["data"]["replacement"]["severity"] == "moderate"
+    state = (await client.get(f"/v1/patients/{patient}", headers=bearer(token))).json()
+    assert state["grades"]["cgvhd_severity"] == "moderate" and state["grades"]["icans_max"] == 3
