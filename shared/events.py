@@ -194,13 +194,87 @@ class Crs(_Body):
         return self
 
 
+Consciousness = Literal["alert", "awakens_spontaneously", "awakens_to_voice", "awakens_to_touch", "unarousable"]
+Seizure = Literal["none", "resolved", "prolonged_or_repetitive"]
+RaisedIcp = Literal["none", "focal_edema", "diffuse_edema_or_signs"]
+
+
 class Icans(_Body):
+    """A grade 1-4, or the ASTCT 2019 bedside findings the grade is derived from (0: no ICANS).
+
+    Deriving a grade takes all of ``FINDINGS`` (ingest names each one missing); the other domains
+    (``OPTIONAL_FINDINGS``) count as absent when not given. An unarousable patient cannot perform
+    the ICE assessment (ASTCT: "0, patient is unarousable and unable to perform ICE"), so
+    ``unarousable`` goes with ``ice_score`` 0 or none given, which is then read as 0.
+
+    Stored data keeps its shape (``grade``, ``scale``, plus the findings as given), so events
+    recorded with a bare grade before findings were taken fold unchanged: no upcast, schema 1.
+    """
+
+    FINDINGS: ClassVar[tuple[str, ...]] = ("ice_score", "consciousness")
+    OPTIONAL_FINDINGS: ClassVar[tuple[str, ...]] = ("seizure", "motor_weakness", "raised_icp")
+
     type: Literal["icans"]
-    grade: Integer = Field(ge=1, le=4)
+    grade: Integer | None = Field(default=None, ge=1, le=4)
+    ice_score: Integer | None = Field(default=None, ge=0, le=10)
+    consciousness: Consciousness | None = None
+    seizure: Seizure | None = None
+    motor_weakness: Flag | None = None
+    raised_icp: RaisedIcp | None = None
+
+    @property
+    def has_findings(self) -> bool:
+        return bool(self.given_findings)
+
+    @property
+    def missing_findings(self) -> tuple[str, ...]:
+        """Of ``FINDINGS``, those not given (the ICE score is not missing for an unarousable patient)."""
+        unarousable = self.consciousness == "unarousable"
+        return tuple(n for n in self.FINDINGS
+                     if getattr(self, n) is None and not (n == "ice_score" and unarousable))
+
+    @property
+    def has_all_findings(self) -> bool:
+        return not self.missing_findings
+
+    @property
+    def given_findings(self) -> tuple[str, ...]:
+        """The finding fields this body carries, in the schema's order."""
+        return tuple(n for n in (*self.FINDINGS, *self.OPTIONAL_FINDINGS) if getattr(self, n) is not None)
+
+    @model_validator(mode="after")
+    def _grade_or_findings(self) -> Icans:
+        if self.grade is None and not self.has_findings:
+            raise ValueError("give either grade (1-4) or the bedside findings ice_score and consciousness "
+                             "(optionally seizure, motor_weakness, raised_icp)")
+        if self.consciousness == "unarousable" and self.ice_score:
+            raise ValueError(f"ice_score {self.ice_score} cannot go with consciousness unarousable: an "
+                             "unarousable patient cannot perform the ICE assessment (ICE score 0)")
+        return self
+
+
+class OrganScores(Frozen):
+    """NIH 2014 chronic GVHD organ scores, 0-3 each (0 none ... 3 major disability); an organ
+    left out is not involved (0)."""
+
+    skin: Integer | None = Field(default=None, ge=0, le=3)
+    mouth: Integer | None = Field(default=None, ge=0, le=3)
+    eyes: Integer | None = Field(default=None, ge=0, le=3)
+    gi: Integer | None = Field(default=None, ge=0, le=3)
+    liver: Integer | None = Field(default=None, ge=0, le=3)
+    lungs: Integer | None = Field(default=None, ge=0, le=3)
+    joints_fascia: Integer | None = Field(default=None, ge=0, le=3)
+    genital: Integer | None = Field(default=None, ge=0, le=3)
+
+    def scores(self) -> dict[str, int]:
+        """Every organ's score, 0 for one left out."""
+        return {name: getattr(self, name) or 0 for name in type(self).model_fields}
 
 
 class Gvhd(_Body):
-    """Acute: a MAGIC grade 1-4 or the organ findings; chronic: the NIH global severity."""
+    """Acute: a MAGIC grade 1-4 or the organ findings; chronic: the NIH global severity, or the
+    NIH 2014 organ scores it is derived from (stored beside ``severity``; a chronic event stored
+    with a bare severity has the same shape, so it folds unchanged: no upcast, schema 1)."""
 
     FINDINGS: ClassVar[tuple[str, ...]] = ("skin_bsa_pct", "bullae", "bilirubin_mg_dl", "upper_gi", "stool_ml_day",
                                            "severe_abdominal_pain")
@@ -215,6 +289,7 @@ class Gvhd(_Body):
     stool_ml_day: Number | None = Field(default=None, ge=0, le=20000)
     severe_abdominal_pain: Flag | None = None
     severity: Literal["mild", "moderate", "severe"] | None = None
+    organ_scores: OrganScores | None = None
 
     @property
     def has_findings(self) -> bool:
@@ -227,18 +302,29 @@ class Gvhd(_Body):
 
     @model_validator(mode="after")
     def _form_fields(self) -> Gvhd:
-        if self.form == "acute":
-            if self.severity is not None:
-                raise ValueError("severity is for chronic GVHD; acute GVHD takes grade or organ findings")
-            if self.grade is None and not self.has_findings:
-                raise ValueError("acute GVHD needs grade (1-4) or organ findings (skin_bsa_pct, "
-                                 "bullae, bilirubin_mg_dl, upper_gi, stool_ml_day, severe_abdominal_pain)")
-        else:
-            if self.severity is None:
-                raise ValueError("chronic GVHD needs severity (mild, moderate, severe)")
-            if self.grade is not None or self.has_findings:
-                raise ValueError("chronic GVHD takes severity, not grade or organ findings")
+        problem = self._acute_problem() if self.form == "acute" else self._chronic_problem()
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def _acute_problem(self) -> str | None:
+        chronic = next((n for n in ("severity", "organ_scores") if getattr(self, n) is not None), None)
+        if chronic:
+            return f"{chronic} is for chronic GVHD; acute GVHD takes grade or organ findings"
+        if self.grade is None and not self.has_findings:
+            return ("acute GVHD needs grade (1-4) or organ findings (skin_bsa_pct, bullae, bilirubin_mg_dl, "
+                    "upper_gi, stool_ml_day, severe_abdominal_pain)")
+        return None
+
+    def _chronic_problem(self) -> str | None:
+        if self.severity is None and self.organ_scores is None:
+            return "chronic GVHD needs severity (mild, moderate, severe) or organ_scores"
+        acute = next((n for n in ("grade", *self.given_findings) if getattr(self, n) is not None), None)
+        if acute:
+            return f"{acute} is for acute GVHD; chronic GVHD takes severity or organ_scores"
+        if self.organ_scores is not None and not any(self.organ_scores.scores().values()):
+            return "organ_scores need at least one organ scored above 0 (all 0 is no chronic GVHD)"
+        return None
 
 
 class Infection(_Body):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from scipy.stats import beta
 
+from shared.clinical.cgvhd_severity import SEVERITIES
 from shared.clinical.records import INCIDENCE_NAMES, PatientOutcome
 
 CONFIDENCE = 0.95
@@ -25,6 +26,28 @@ class Incidence:
     rate: float | None
     ci_low: float | None
     ci_high: float | None
+
+
+@dataclass(frozen=True)
+class CgvhdSeverity:
+    """Patients of an arm by the worst NIH 2014 chronic GVHD global severity recorded (DOMAIN.md c)."""
+
+    arm: str
+    patients: int
+    none: int
+    mild: int
+    moderate: int
+    severe: int
+
+
+def cgvhd_by_severity(patients: Sequence[PatientOutcome], arms: Sequence[str]) -> tuple[CgvhdSeverity, ...]:
+    """One row per arm given; a patient counts once, at the worst severity recorded by the cutoff."""
+    rows = []
+    for arm in arms:
+        worst = [p.cgvhd_severity for p in patients if p.arm == arm]
+        counts = {s: worst.count(s) for s in SEVERITIES}
+        rows.append(CgvhdSeverity(arm, len(worst), worst.count(None), **counts))
+    return tuple(rows)
 
 
 def clopper_pearson(events: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from typing import Any, get_args
 from services.notify import competing_risks, survival
 from services.notify.competing_risks import CumulativeIncidence
 from services.notify.enrolment import Death, Exposure, cross_tab, deaths, enrolled_by_arm, exposures
-from services.notify.incidence import Incidence, incidences_by_arm
+from services.notify.incidence import CgvhdSeverity, Incidence, cgvhd_by_severity, incidences_by_arm
 from services.notify.survival import ENDPOINTS, Curve, LogRank, SurvivalEstimate
 from shared.clinical.records import PatientOutcome
 from shared.events import Arm
@@ -53,6 +53,7 @@ class Summary:
     enrolled_by_site: Mapping[str, Mapping[str, int]]
     exposure: tuple[Exposure, ...]
     incidences: tuple[Incidence, ...]
+    cgvhd_severity: tuple[CgvhdSeverity, ...]
     survival: tuple[SurvivalEstimate, ...]
     survival_curves: Mapping[str, tuple[Curve, ...]]  # endpoint -> one curve per arm
     logrank: tuple[LogRank, ...]
@@ -75,6 +76,7 @@ class Summary:
             "enrolled_by_site": {k: dict(v) for k, v in self.enrolled_by_site.items()},
             "exposure": [asdict(e) for e in self.exposure],
             "incidences": [asdict(i) for i in self.incidences],
+            "cgvhd_severity": [asdict(c) for c in self.cgvhd_severity],
             "survival": [asdict(s) for s in self.survival],
             "logrank": [asdict(r) for r in self.logrank],
             "agvhd_cumulative_incidence": [asdict(c) for c in self.agvhd],
@@ -108,8 +110,8 @@ def build_summary(
 ) -> Summary:
     """Everything the DSMB digest shows, from outcomes that are already as of ``data_cutoff``.
 
-    - Enrolment tables always list both protocol arms (0 where empty); incidences, survival and the aGVHD
-      cumulative incidence list only arms with patients.
+    - Enrolment tables always list both protocol arms (0 where empty); incidences, chronic GVHD by
+      severity, survival and the aGVHD cumulative incidence list only arms with patients.
     - The log-rank test is reported per endpoint only when both arms have patients.
     """
     present = _arms_present(patients)
@@ -126,6 +128,7 @@ def build_summary(
         enrolled_by_site=cross_tab(patients, every_arm, "site_id"),
         exposure=exposures(patients, present),
         incidences=incidences_by_arm(patients, present),
+        cgvhd_severity=cgvhd_by_severity(patients, present),
         survival=tuple(estimate for e in ENDPOINTS for estimate, _ in fits[e]),
         survival_curves={e: tuple(curve for _, curve in fits[e]) for e in ENDPOINTS},
         logrank=_logrank(by_arm),

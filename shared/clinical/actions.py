@@ -41,9 +41,13 @@ def crs(grade: int, weight_kg: float) -> str:
             "interrupt at grade 3).")
 
 
-def icans(grade: int, weight_kg: float, dose_ug: float | None) -> str:
+def icans(grade: int, weight_kg: float, dose_ug: float | None, seizures: int = 0) -> str:
+    """``seizures``: how many the patient has had with ICANS so far (this event's included)."""
     if grade >= 4:
         return f"Discontinue blinatumomab permanently. {SAE}"
+    if seizures > 1:
+        return ("More than one seizure has occurred: discontinue blinatumomab permanently "
+                "(label: neurological toxicity, seizure).")
     if grade == 3 and dose_ug is not None and dose_ug <= 9.0:
         return (f"It occurred at {dose_ug:g} µg/day: discontinue blinatumomab permanently "
                 "(label: grade 3 neurological toxicity at 9 µg/day).")
@@ -65,7 +69,10 @@ def agvhd_low(grade: int) -> str:
             "and counts toward the stopping rule.")
 
 
-def cgvhd(severity: str) -> str:
+def cgvhd(severity: str, *, scored: bool = False) -> str:
+    if scored:
+        return (f"Treat {severity} chronic GVHD per the site's standard and score the organs again at "
+                "each visit.")
     return f"Record the NIH organ scores ({severity} global severity) and treat per the site's standard."
 
 

@@ -6,7 +6,9 @@ Rules:
   or severity (so a correction of the time alone keeps the alert id; one that changes the grade or
   the kind withdraws it and raises another, whose mail says the new grade):
   - CRS (ASTCT, DOMAIN.md a): grade >= 3 -> ``crs_grade_3_plus``; 1-2 -> ``crs_low_grade``; 0 = no CRS.
-  - ICANS: grade >= 3 -> ``icans_grade_3_plus``; 1-2 -> ``icans_low_grade``.
+  - ICANS (ASTCT, DOMAIN.md a): grade >= 3 -> ``icans_grade_3_plus``; 1-2 -> ``icans_low_grade``;
+    0 = no ICANS. The action counts the patient's seizures up to this event (label: discontinue
+    permanently if more than one seizure occurs; a prolonged or repetitive one is more than one).
   - Acute GVHD (MAGIC, DOMAIN.md b): III-IV -> ``agvhd_grade_3_4``; I-II -> ``agvhd_grade_1_2``;
     chronic GVHD (NIH, DOMAIN.md c), any severity -> ``cgvhd``.
   - Infection (CTCAE, DOMAIN.md d): grade >= 4 -> ``infection_grade_4_plus``; 3 -> ``infection_grade_3``.
@@ -38,9 +40,11 @@ from shared.clinical.endpoints import counts_toward
 from shared.clinical.history import Fact
 from shared.clinical.wording import (
     ROMAN,
+    cgvhd_basis,
     crs_basis,
     deviation_title,
     gvhd_basis,
+    icans_basis,
     lab_basis,
     lab_term,
     window_label,
@@ -140,9 +144,10 @@ def _icans(chart: Chart, f: Fact) -> Draft | None:
     dose = chart.treatment.last_dose_before(f.occurred_at)
     running = chart.treatment.running_at(f.occurred_at)
     dose_ug = float(dose.data["dose_ug"]) if dose is not None and running is not None else None
-    action = actions.icans(g, chart.enrolment.weight_kg, dose_ug)
-    finding = f"reported ASTCT grade {g}" + (f" on {dose_ug:g} µg/day" if dose_ug else "")
-    numbers = {"grade": g, "dose_ug": dose_ug}
+    seizures = _seizures(chart, f)
+    action = actions.icans(g, chart.enrolment.weight_kg, dose_ug, seizures)
+    finding = icans_basis(f) + (f" on {dose_ug:g} µg/day" if dose_ug else "")
+    numbers = {"grade": g, "dose_ug": dose_ug} | ({"seizures": seizures} if seizures else {})
     if g >= 3:
         return _event(chart, f, "icans_grade_3_plus", f"Grade {g} ICANS", finding, "icans_grade>=3",
                       "ICANS of grade 3 or more is urgent", action, numbers)
@@ -150,12 +155,19 @@ def _icans(chart: Chart, f: Fact) -> Draft | None:
                   "ICANS of grade 1-2 is reported for information", action, numbers)
 
 
+def _seizures(chart: Chart, f: Fact) -> int:
+    """Seizures recorded with ICANS up to and including ``f``: a resolved one counts 1, a prolonged
+    or repetitive one 2 (repetitive seizures are more than one; label, DOMAIN.md e)."""
+    counts = {"resolved": 1, "prolonged_or_repetitive": 2}
+    return sum(counts.get(str(e.data.get("seizure")), 0) for e in chart.of_type("icans") if e.order <= f.order)
+
+
 def _gvhd(chart: Chart, f: Fact) -> Draft | None:
     if f.data.get("form") == "chronic":
         severity = str(f.data.get("severity"))
-        return _event(chart, f, "cgvhd", f"Chronic GVHD ({severity})", f"NIH global severity {severity}",
+        return _event(chart, f, "cgvhd", f"Chronic GVHD ({severity})", cgvhd_basis(f),
                       "cgvhd_any", "chronic GVHD of any severity is reported for information",
-                      actions.cgvhd(severity), {"severity": severity})
+                      actions.cgvhd(severity, scored="organ_scores" in f.data), {"severity": severity})
     g = f.grade
     if g < 1:
         return None

@@ -17,8 +17,10 @@ Rules:
 - Outcome (``PatientOutcome``): origin = course-1 day 1 (usual care, or no dose yet: the enrolment
   day); last contact = the latest day of any effective event incl. enrolment (the death day if
   dead); relapse = the first relapse on or after origin; aGVHD onsets = the first acute GVHD of
-  grade >= 1 / >= 2 at or after the first DLI; each endpoint is evaluated with the evaluability
-  flags of the protocol's stopping rule on it, if any (so the report and the rule agree).
+  grade >= 1 / >= 2 at or after the first DLI; chronic GVHD severity = the worst NIH 2014 global
+  severity recorded, at any time (chronic GVHD mostly begins after day 100, so it is not limited to
+  the 100-day window); each endpoint is evaluated with the evaluability flags of the protocol's
+  stopping rule on it, if any (so the report and the rule agree).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+from shared.clinical.cgvhd_severity import SEVERITIES
 from shared.clinical.chart import Chart
 from shared.clinical.history import Fact
 from shared.clinical.records import ENDPOINT_NAMES, PatientOutcome
@@ -133,8 +136,14 @@ def outcome(chart: Chart) -> PatientOutcome:
         dli_date=dli.day if dli else None,
         agvhd_onset=next((f.day for f in acute_after_dli if f.grade >= 1), None),
         agvhd_2_4_onset=next((f.day for f in acute_after_dli if f.grade >= 2), None),
+        cgvhd_severity=_worst_cgvhd(chart),
         endpoints={name: endpoint(chart, name, **_counting(chart, name)) for name in ENDPOINT_NAMES},
     )
+
+
+def _worst_cgvhd(chart: Chart) -> str | None:
+    found = {str(f.data.get("severity")) for f in chart.of_type("gvhd") if f.data.get("form") == "chronic"}
+    return next((s for s in reversed(SEVERITIES) if s in found), None)
 
 
 def _counting(chart: Chart, name: str) -> dict[str, bool]:

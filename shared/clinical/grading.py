@@ -1,6 +1,7 @@
-"""Clinical grading: ASTCT 2019 CRS, MAGIC 2016 acute GVHD, CTCAE v5.0 haematology.
+"""Clinical grading: ASTCT 2019 CRS, MAGIC 2016 acute GVHD, CTCAE v5.0 haematology; ASTCT 2019
+ICANS (``icans_grade.py``) and NIH 2014 chronic GVHD (``cgvhd_severity.py``) beside it.
 
-Pure functions, no I/O. Section letters (a, b, d) refer to DOMAIN.md, the source of truth for
+Pure functions, no I/O. Section letters (a, b, c, d) refer to DOMAIN.md, the source of truth for
 every threshold here. ``derive_data`` turns a posted body into the ``data`` stored on its event
 (CONTRACT.md section 2): the observations as given plus the derived ``grade`` and its ``scale``.
 """
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from shared.clinical.cgvhd_severity import cgvhd_severity
+from shared.clinical.icans_grade import icans_grade
 from shared.events import Correction, Crs, Gvhd, Icans, Infection, Lab
 
 if TYPE_CHECKING:
@@ -19,13 +22,17 @@ if TYPE_CHECKING:
 
 
 class GradeConflict(ValueError):
-    """A grade was posted together with observations that derive a different grade."""
+    """A grade (or chronic GVHD severity) was posted together with observations that derive a
+    different one; ``at_least`` when incomplete findings already derive more than was posted."""
 
-    def __init__(self, kind: str, given: int, derived: int) -> None:
-        self.kind, self.given, self.derived = kind, given, derived
+    def __init__(self, kind: str, given: int | str, derived: int | str, *, field: str = "grade",
+                 at_least: bool = False) -> None:
+        self.kind, self.given, self.derived, self.field = kind, given, derived, field
+        self.at_least = at_least
+        self.derived_text = f"{'at least ' if at_least else ''}{field} {derived}"
         super().__init__(
-            f"{kind} grade {given} was given but the observations derive grade {derived}; "
-            "correct the grade or the observations, or send only one of them"
+            f"{kind} {field} {given} was given but the observations derive {self.derived_text}; "
+            f"correct the {field} or the observations, or send only one of them"
         )
 
 
@@ -225,6 +232,30 @@ def _checked(kind: str, given: int | None, derived: int) -> int:
     return derived
 
 
+def _icans_data(body: Icans, data: Data, protocol: Protocol) -> Data:
+    """Choice: with a posted grade and only some findings (not both ICE score and consciousness),
+    the findings give a floor: they contradict the grade only if they already derive more."""
+    if body.has_findings:
+        derived = icans_grade(ice_score=body.ice_score, consciousness=body.consciousness,
+                              seizure=body.seizure, motor_weakness=body.motor_weakness,
+                              raised_icp=body.raised_icp)
+        if body.has_all_findings or body.grade is None:
+            data["grade"] = _checked("ICANS", body.grade, derived)
+        elif derived > body.grade:
+            raise GradeConflict("ICANS", body.grade, derived, at_least=True)
+    return data | {"scale": "ASTCT-2019"}
+
+
+def _chronic_gvhd_data(body: Gvhd, data: Data) -> Data:
+    if body.organ_scores is not None:
+        derived = cgvhd_severity(body.organ_scores.scores())  # None only if every score is 0 (refused)
+        if derived is not None:
+            if body.severity is not None and body.severity != derived:
+                raise GradeConflict("chronic GVHD", body.severity, derived, field="severity")
+            data["severity"] = derived
+    return data | {"scale": "NIH-2014"}
+
+
 def _crs_data(body: Crs, data: Data, protocol: Protocol) -> Data:
     if body.has_observations:
         derived = crs_grade(max_temp_c=body.max_temp_c, hypotension=body.hypotension,
@@ -236,7 +267,7 @@ def _crs_data(body: Crs, data: Data, protocol: Protocol) -> Data:
 
 def _gvhd_data(body: Gvhd, data: Data, protocol: Protocol) -> Data:
     if body.form == "chronic":
-        return data | {"scale": "NIH-2014"}
+        return _chronic_gvhd_data(body, data)
     if body.has_findings:
         stages = agvhd_stages(
             skin_bsa_pct=body.skin_bsa_pct, bullae=body.bullae, bilirubin_mg_dl=body.bilirubin_mg_dl,
@@ -273,7 +304,7 @@ _DERIVERS: dict[type[BaseModel], Callable[[Any, Data, Protocol], Data]] = {
     Gvhd: _gvhd_data,
     Lab: _lab_data,
     Infection: _scale_only("CTCAE-5.0"),
-    Icans: _scale_only("ASTCT-2019"),
+    Icans: _icans_data,
     Correction: _correction_data,
 }
 
@@ -284,13 +315,16 @@ def derive_data(body: BaseModel, protocol: Protocol) -> Data:
     - Every body: its JSON dump without ``type``, ``occurred_at`` and unset (None) fields.
     - crs (DOMAIN.md a): with observations, the ASTCT ``grade`` (0 = no CRS); ``scale``.
     - acute gvhd (DOMAIN.md b): with findings, organ ``stages`` and MAGIC ``grade`` 0-4;
-      chronic gvhd: ``scale`` NIH-2014 only (severity is posted, not derived).
-    - A posted grade that differs from the derived one raises ``GradeConflict``; missing
+      chronic gvhd (DOMAIN.md c): with ``organ_scores`` (as given), the NIH 2014 global
+      ``severity``; ``scale`` NIH-2014.
+    - icans (DOMAIN.md a, ICANS): with bedside findings, the ASTCT ``grade`` (0 = no ICANS);
+      ``scale`` ASTCT-2019.
+    - A posted grade (or severity) that differs from the derived one raises ``GradeConflict``; missing
       observations count as absent (a CRS grade posted with hypotension but no temperature and
       no anti-cytokine therapy derives 0 and conflicts).
     - lab (DOMAIN.md d): ``lln`` from the protocol (converted to the event's unit) when not
       posted, the CTCAE ``grade`` 0-4 and ``scale``.
-    - infection: ``scale`` CTCAE-5.0; icans: ``scale`` ASTCT-2019 (grades are posted).
+    - infection: ``scale`` CTCAE-5.0 (grades are posted).
     - correction: ``replacement`` holds the replacement's derived data plus its ``type`` and
       ``occurred_at`` (ISO 8601), so a consumer can rebuild the replacement event.
     """

@@ -46,5 +46,7 @@ class PatientOutcome:
     # Acute GVHD onset after the DLI (any grade; grade II-IV), for the cumulative incidence.
     agvhd_onset: date | None = None
     agvhd_2_4_onset: date | None = None
+    # The worst NIH 2014 global severity of chronic GVHD recorded (mild | moderate | severe), any time.
+    cgvhd_severity: str | None = None
     # name (ENDPOINT_NAMES) -> True (event), False (evaluable, no event), None (not evaluable yet)
     endpoints: dict[str, bool | None] = field(default_factory=dict)

@@ -60,6 +60,38 @@ def gvhd_basis(f: Fact) -> str:
     return f"derived MAGIC grade {ROMAN[f.grade]} from stages {staged}"
 
 
+CONSCIOUSNESS = {
+    "alert": "alert", "awakens_spontaneously": "awakens spontaneously", "awakens_to_voice": "awakens to voice",
+    "awakens_to_touch": "awakens only to touch", "unarousable": "unarousable",
+}
+SEIZURE = {"resolved": "seizure resolved rapidly", "prolonged_or_repetitive": "prolonged or repetitive seizures"}
+RAISED_ICP = {"focal_edema": "focal cerebral oedema", "diffuse_edema_or_signs": "diffuse oedema or signs of raised ICP"}
+
+
+def icans_basis(f: Fact) -> str:
+    """'derived ASTCT grade 3 from ICE 2/10, awakens to voice', 'reported ASTCT grade 3' (with the
+    findings given beside a posted grade in brackets)."""
+    d = f.data
+    seen = [f"ICE {int(d['ice_score'])}/10"] if d.get("ice_score") is not None else []
+    seen += [CONSCIOUSNESS[d["consciousness"]]] if d.get("consciousness") in CONSCIOUSNESS else []
+    seen += [SEIZURE[d["seizure"]]] if d.get("seizure") in SEIZURE else []
+    seen += ["deep focal motor weakness"] if d.get("motor_weakness") else []
+    seen += [RAISED_ICP[d["raised_icp"]]] if d.get("raised_icp") in RAISED_ICP else []
+    assessed = d.get("ice_score") is not None or d.get("consciousness") == "unarousable"
+    if assessed and d.get("consciousness") is not None:
+        return f"derived ASTCT grade {f.grade} from {', '.join(seen)}"
+    return f"reported ASTCT grade {f.grade}" + (f" ({', '.join(seen)})" if seen else "")
+
+
+def cgvhd_basis(f: Fact) -> str:
+    """'NIH 2014 global severity severe from organ scores lungs 2, skin 1' or 'NIH global severity mild'."""
+    severity, scores = f.data.get("severity"), f.data.get("organ_scores")
+    if not isinstance(scores, dict):
+        return f"NIH global severity {severity}"
+    scored = ", ".join(f"{organ} {score}" for organ, score in scores.items() if score) or "all organs 0"
+    return f"NIH 2014 global severity {severity} from organ scores {scored}"
+
+
 def lab_term(f: Fact) -> str:
     return LAB_TERMS.get(str(f.data.get("test")), str(f.data.get("test")))
 

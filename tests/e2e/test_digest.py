@@ -37,13 +37,16 @@ def summary_json(mail: EmailMessage) -> dict[str, Any]:
 
 
 async def test_an_admin_asks_for_the_summary_and_only_the_dsmb_receives_it(system: RunningSystem) -> None:
-    # Two patients are enrolled and dosed at site S01.
+    # Two patients are enrolled and dosed at site S01; the second has chronic GVHD scored by organ.
     async with system.client("site_staff") as client:
         for subject in (subject_id(), subject_id()):
             response = await client.post("/v1/patients", json=enrolment(subject, enrolled_at=at(0)))
             assert response.status_code == 201, response.text
             response = await client.post(f"/v1/patients/{subject}/events", json=dose(at(1)))
             assert response.status_code == 201, response.text
+        cgvhd = {"type": "gvhd", "occurred_at": at(2), "form": "chronic", "organ_scores": {"skin": 1, "lungs": 2}}
+        response = await client.post(f"/v1/patients/{subject}/events", json=cgvhd)
+        assert response.status_code == 201 and response.json()["data"]["severity"] == "severe", response.text
 
         # A site's staff may not trigger it.
         refused = await client.post("/v1/digests")
@@ -60,6 +63,8 @@ async def test_an_admin_asks_for_the_summary_and_only_the_dsmb_receives_it(syste
     assert addressees(mail) == sorted(DSMB)
     assert sorted(a.strip() for a in str(mail["X-Envelope-To"]).split(",")) == sorted(DSMB)
     assert summary_json(mail)["enrolled"] == {"blinatumomab_dli": 2, "usual_care": 0}
+    assert summary_json(mail)["cgvhd_severity"] == [{"arm": "blinatumomab_dli", "patients": 2, "none": 1,
+                                                     "mild": 0, "moderate": 0, "severe": 1}]
     # The period is marked sent just after the SMTP server took the mail.
     async def status() -> str | None:
         async with system.engine.connect() as conn:

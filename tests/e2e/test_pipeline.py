@@ -47,6 +47,37 @@ async def test_grade_3_crs_posted_over_http_reaches_each_investigator_by_email(s
         assert ack.status_code == 200
 
 
+async def test_icans_graded_3_from_bedside_findings_is_mailed_and_its_correction_to_grade_1_withdrawn(
+        system: RunningSystem) -> None:
+    subject = subject_id()
+    await enrol_and_dose(system, subject)
+
+    # A nurse records what she found: ICE 1/10, awakens only to voice -> ASTCT grade 3.
+    findings = {"type": "icans", "occurred_at": at(2), "ice_score": 1, "consciousness": "awakens_to_voice"}
+    async with system.client("site_staff") as client:
+        response = await client.post(f"/v1/patients/{subject}/events", json=findings)
+        assert response.status_code == 201 and response.json()["data"]["grade"] == 3, response.text
+        urgent = await eventually(lambda: len(mails_about(system, subject)) >= len(INVESTIGATORS)
+                                  and mails_about(system, subject))
+        assert all("URGENT" in str(m["Subject"]) and "Grade 3 ICANS" in str(m["Subject"]) for m in urgent)
+
+        # The ICE score was recounted: 8/10 and alert -> grade 1. The urgent alert is withdrawn by mail.
+        correction = {"type": "correction", "occurred_at": at(2, 12), "reason": "ICE recounted",
+                      "corrects_event_id": response.json()["event_id"],
+                      "replacement": findings | {"ice_score": 8, "consciousness": "alert"}}
+        fixed = await client.post(f"/v1/patients/{subject}/events", json=correction)
+        assert fixed.status_code == 201, fixed.text
+
+    def withdrawn() -> list:
+        return [m for m in mails_about(system, subject) if "WITHDRAWN" in str(m["Subject"])]
+    mails = await eventually(lambda: len(withdrawn()) >= len(INVESTIGATORS) and withdrawn())
+    assert all("Grade 3 ICANS" in str(m["Subject"]) for m in mails)
+    async with system.client("investigator") as client:
+        alerts = (await client.get("/v1/alerts", params={"subject_id": subject})).json()["alerts"]
+    assert sorted((a["kind"], a["status"]) for a in alerts) == [("icans_grade_3_plus", "withdrawn"),
+                                                                 ("icans_low_grade", "open")]
+
+
 async def test_a_redelivered_message_sends_no_second_email(system: RunningSystem) -> None:
     subject = subject_id()
     await enrol_and_dose(system, subject)

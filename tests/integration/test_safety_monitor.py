@@ -319,6 +319,45 @@ async def test_grade_3_crs_at_day_14_2359_counts_in_the_2_week_window_and_day_15
     assert incidence(await ward.history(outside)) is False
 
 
+async def test_icans_graded_3_from_findings_is_urgent_and_a_correction_to_grade_1_withdraws_it(
+        ward: Ward, protocol: Protocol) -> None:
+    subject = await ward.enrol()
+    ward.clock.set(day(6, 12))
+    await ward.treat(subject)
+
+    # ICE 2 in an awake patient: ASTCT grade 3, derived at ingest, urgent at once.
+    icans = await ward.record(subject, {"type": "icans", "occurred_at": day(3, 8).isoformat(),
+                                        "ice_score": 2, "consciousness": "awakens_to_voice"})
+    assert (icans.data["grade"], icans.data["scale"]) == (3, "ASTCT-2019")
+    [urgent] = await ward.alerts(subject, "icans_grade_3_plus")
+    assert (urgent["severity"], urgent["status"], urgent["title"]) == ("urgent", "open", "Grade 3 ICANS")
+    assert "derived ASTCT grade 3 from ICE 2/10, awakens to voice" in urgent["detail"]
+    assert "Withhold blinatumomab" in urgent["action"] and "9 µg/day" in urgent["action"]
+    assert "icans_any_2w" in urgent["facts"]["counts_toward"]
+
+    # Recounted the next day: ICE 8, alert -> grade 1. The urgent alert is withdrawn, an info one raised.
+    await ward.record(subject, {"type": "correction", "occurred_at": day(4, 9).isoformat(),
+                                "corrects_event_id": str(icans.event_id), "reason": "ICE recounted",
+                                "replacement": {"type": "icans", "occurred_at": day(3, 8).isoformat(),
+                                                "ice_score": 8, "consciousness": "alert"}})
+    [withdrawn] = await ward.alerts(subject, "icans_grade_3_plus")
+    assert withdrawn["alert_id"] == urgent["alert_id"] and withdrawn["status"] == "withdrawn"
+    [low] = await ward.alerts(subject, "icans_low_grade")
+    assert (low["severity"], low["status"], low["title"]) == ("info", "open", "Grade 1 ICANS")
+    assert (await ward.patient(subject))["grades"]["icans_max"] == 1
+
+    # Corrected again to no ICANS (ICE 10, alert: grade 0): nothing open, and it no longer counts.
+    await ward.record(subject, {"type": "correction", "occurred_at": day(4, 10).isoformat(),
+                                "corrects_event_id": str(icans.event_id), "reason": "it was sedation",
+                                "replacement": {"type": "icans", "occurred_at": day(3, 8).isoformat(),
+                                                "ice_score": 10, "consciousness": "alert"}})
+    assert [a["status"] for a in await ward.alerts(subject) if a["kind"].startswith("icans")] == \
+        ["withdrawn", "withdrawn"]
+    ward.clock.set(day(16, 9))
+    state = fold_patient(await ward.history(subject), protocol, now=ward.clock())
+    assert state.endpoint("icans_any_2w") is False
+
+
 # --------------------------------------------------------------------------- determinism
 
 STORY: dict[str, dict[str, Any]] = {

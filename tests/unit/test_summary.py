@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from services.notify.digest_email import render_digest
-from services.notify.incidence import clopper_pearson
+from services.notify.incidence import CgvhdSeverity, clopper_pearson
 from services.notify.summary import RuleSnapshot, Summary, build_summary
 from shared.clinical.records import INCIDENCE_NAMES, PatientOutcome
 
@@ -30,7 +30,7 @@ def day(origin: date, n: int | None) -> date | None:
 
 def patient(sid: str, arm: str, *, last: int, death: int | None = None, relapse: int | None = None,
             dli: int | None = None, agvhd: int | None = None, cause: str | None = None,
-            crs3: bool | None = None, site: str = "site-1") -> PatientOutcome:
+            crs3: bool | None = None, site: str = "site-1", cgvhd: str | None = None) -> PatientOutcome:
     origin = B0 if arm == BLINA else U0
     endpoints: dict[str, bool | None] = {name: None for name in INCIDENCE_NAMES}
     if arm == BLINA:
@@ -42,7 +42,7 @@ def patient(sid: str, arm: str, *, last: int, death: int | None = None, relapse:
         origin=origin, last_contact=day(origin, last), death_date=day(origin, death),
         death_cause=cause, relapse_date=day(origin, relapse), courses=1 if arm == BLINA else 0,
         doses=10 if arm == BLINA else 0, dlis=1 if dli is not None else 0, dli_date=day(origin, dli),
-        agvhd_onset=day(origin, agvhd), endpoints=endpoints,
+        agvhd_onset=day(origin, agvhd), cgvhd_severity=cgvhd, endpoints=endpoints,
     )
 
 
@@ -52,11 +52,12 @@ def patient(sid: str, arm: str, *, last: int, death: int | None = None, relapse:
 COHORT = (
     patient("B-01", BLINA, last=100, death=100, dli=40, cause="infection", crs3=True),
     patient("B-02", BLINA, last=400, death=400, relapse=200, dli=50, agvhd=110, cause="relapse",
-            crs3=False),
+            crs3=False, cgvhd="mild"),
     patient("B-03", BLINA, last=300, relapse=150, dli=240, crs3=False),
-    patient("B-04", BLINA, last=1200, dli=40, agvhd=60, crs3=True, site="site-2"),
-    patient("B-05", BLINA, last=600, death=600, dli=100, agvhd=250, cause="gvhd", crs3=False),
-    patient("B-06", BLINA, last=1300, dli=1100, site="site-2"),
+    patient("B-04", BLINA, last=1200, dli=40, agvhd=60, crs3=True, site="site-2", cgvhd="severe"),
+    patient("B-05", BLINA, last=600, death=600, dli=100, agvhd=250, cause="gvhd", crs3=False,
+            cgvhd="moderate"),
+    patient("B-06", BLINA, last=1300, dli=1100, site="site-2", cgvhd="moderate"),
     patient("U-01", USUAL, last=50, death=50, cause="relapse"),
     patient("U-02", USUAL, last=120),
     patient("U-03", USUAL, last=400, relapse=80),
@@ -181,6 +182,14 @@ def test_agvhd_cumulative_incidence_treats_death_as_competing(summary):
 # --- enrolment and json ------------------------------------------------------------------------
 
 
+def test_chronic_gvhd_counts_each_patient_once_by_the_worst_nih_severity(summary):
+    assert row(summary.cgvhd_severity, arm=BLINA) == CgvhdSeverity(BLINA, patients=6, none=2, mild=1,
+                                                                   moderate=2, severe=1)
+    assert row(summary.cgvhd_severity, arm=USUAL) == CgvhdSeverity(USUAL, 4, 4, 0, 0, 0)
+    assert summary.to_json()["cgvhd_severity"][0] == {"arm": BLINA, "patients": 6, "none": 2, "mild": 1,
+                                                      "moderate": 2, "severe": 1}
+
+
 def test_enrolment_and_exposure(summary):
     assert summary.enrolled == {BLINA: 6, USUAL: 4}
     assert summary.enrolled_by_site == {"site-1": {BLINA: 4, USUAL: 4}, "site-2": {BLINA: 2, USUAL: 0}}
@@ -213,7 +222,7 @@ def test_single_arm_renders_without_log_rank():
 # --- the email ---------------------------------------------------------------------------------
 
 CONTRACT_KEYS = {"generated_at", "data_cutoff", "enrolled", "incidences", "survival", "stopping_rules"}
-ADDED_KEYS = {"trial_title", "enrolled_by_cohort", "enrolled_by_site", "exposure", "logrank",
+ADDED_KEYS = {"trial_title", "cgvhd_severity", "enrolled_by_cohort", "enrolled_by_site", "exposure", "logrank",
               "agvhd_cumulative_incidence", "deaths"}
 
 
@@ -263,6 +272,8 @@ def test_text_part_holds_every_figure_as_a_table(parsed):
     assert re.search(r"Overall survival\s+Usual care\s+4\s+2\s+300\s+—\s+—", text)
     assert re.search(r"Blinatumomab \+ DLI\s+6\s+3\s+1\s+33\.3%", text)  # aGVHD at day 100
     assert re.search(r"B-01\s+Blinatumomab \+ DLI\s+site-1\s+100\s+infection", text)
+    assert re.search(r"CHRONIC GVHD BY NIH 2014 GLOBAL SEVERITY.*\n.*\nBlinatumomab \+ DLI\s+6\s+2\s+1\s+2\s+1\n"
+                     r"Usual care\s+4\s+4\s+0\s+0\s+0\n", text)
 
 
 def test_html_is_escaped_and_text_is_not():

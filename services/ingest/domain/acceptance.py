@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from services.ingest.domain.errors import FieldProblem
 from shared.clinical.grading import GradeConflict
-from shared.events import OBSERVATION_TYPES, Correction, Crs, Gvhd, Retraction, StoredEvent
+from shared.events import OBSERVATION_TYPES, Correction, Crs, Gvhd, Icans, Retraction, StoredEvent
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 
@@ -71,27 +71,43 @@ def _observed(body: BaseModel) -> tuple[str, BaseModel]:
 
 
 def missing_observations(body: BaseModel) -> list[FieldProblem]:
-    """A CRS grade derived from observations needs all of them (CONTRACT.md section 2).
+    """A CRS or ICANS grade derived from observations needs all of them (CONTRACT.md section 2).
 
-    - Without a posted ``grade``, each of ``max_temp_c``, ``hypotension``, ``vasopressors`` and
+    - CRS without a posted ``grade``: each of ``max_temp_c``, ``hypotension``, ``vasopressors`` and
       ``oxygen`` that is missing is named; ``vasopressin`` and ``anticytokine_given`` are optional.
+    - ICANS without a posted ``grade``: ``ice_score`` and ``consciousness`` each, if missing (an
+      unarousable patient needs no ICE score: it is 0); ``seizure``, ``motor_weakness`` and
+      ``raised_icp`` are optional (absent when not given).
     - With a posted grade, observations are optional: those given must agree with it.
     """
     prefix, observed = _observed(body)
-    if not isinstance(observed, Crs) or observed.grade is not None:
+    if not isinstance(observed, Crs | Icans) or observed.grade is not None:
         return []
-    return [FieldProblem(prefix + name, "required to derive the CRS grade (or post grade 1-4 instead)")
-            for name in Crs.OBSERVATIONS if getattr(observed, name) is None]
+    if isinstance(observed, Crs):
+        kind, missing = "CRS", tuple(n for n in Crs.OBSERVATIONS if getattr(observed, n) is None)
+    else:
+        kind, missing = "ICANS", observed.missing_findings
+    return [FieldProblem(prefix + name, f"required to derive the {kind} grade (or post grade 1-4 instead)")
+            for name in missing]
+
+
+def _given(observed: BaseModel) -> tuple[str, ...]:
+    """The observation fields a graded body carries (chronic GVHD: its organ scores)."""
+    if isinstance(observed, Gvhd) and observed.form == "chronic":
+        return ("organ_scores",) if observed.organ_scores is not None else ()
+    if isinstance(observed, Crs):
+        return observed.given_observations
+    return observed.given_findings if isinstance(observed, Gvhd | Icans) else ()
 
 
 def grade_conflict_problems(body: BaseModel, conflict: GradeConflict) -> list[FieldProblem]:
-    """A posted grade the observations contradict: the grade and each observation given are named."""
+    """A posted grade (chronic GVHD: severity) the observations contradict: the grade and each
+    observation given are named."""
     prefix, observed = _observed(body)
-    given = (observed.given_observations if isinstance(observed, Crs)
-             else observed.given_findings if isinstance(observed, Gvhd) else ())
-    kind, posted, derived = conflict.kind, conflict.given, conflict.derived
-    grade = FieldProblem(prefix + "grade", f"{kind} grade {posted} was given but {', '.join(given) or 'the observations'} "
-                                           f"derive grade {derived}; correct the grade or the observations, "
-                                           "or send only one of them")
-    return [grade, *(FieldProblem(prefix + name, f"with the other observations given it derives {kind} grade "
-                                                 f"{derived}, not the posted grade {posted}") for name in given)]
+    given = _given(observed)
+    kind, field, posted, derived = conflict.kind, conflict.field, conflict.given, conflict.derived_text
+    grade = FieldProblem(prefix + field, f"{kind} {field} {posted} was given but {', '.join(given) or 'the observations'} "
+                                         f"derive {derived}; correct the {field} or the observations, "
+                                         "or send only one of them")
+    return [grade, *(FieldProblem(prefix + name, f"with the other observations given it derives {kind} {derived}, "
+                                                 f"not the posted {field} {posted}") for name in given)]
