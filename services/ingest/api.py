@@ -10,12 +10,13 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.ingest import auth, handlers, queries
 from services.ingest.auth import Principal
+from services.ingest.bodies import StrictJsonRoute
 from services.ingest.dependencies import aware_time, idempotency_key, if_match, permit
 from services.ingest.domain.errors import (
     Invalid,
@@ -28,7 +29,7 @@ from services.ingest.domain.errors import (
 from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused
 from services.ingest.problems import Known
 from services.ingest.unit_of_work import UnitOfWork
-from shared.events import ClinicalEventBody, Enrolment, StoredEvent
+from shared.events import SUBJECT_ID_PATTERN, ClinicalEventBody, Enrolment, StoredEvent
 from shared.store.eventstore import DuplicateEvent
 
 KNOWN_ERRORS = {
@@ -42,7 +43,7 @@ KNOWN_ERRORS = {
     DuplicateEvent: Known(409, "concurrent-write", "Concurrent write"),
 }
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=StrictJsonRoute)
 Key = Annotated[IdempotencyKey | None, Depends(idempotency_key)]
 IfMatch = Annotated[int | None, Depends(if_match)]
 Enroller = Annotated[Principal, Depends(permit(auth.ENROL))]
@@ -54,6 +55,7 @@ RuleReader = Annotated[Principal, Depends(permit(auth.READ_STOPPING_RULES))]
 DigestRequester = Annotated[Principal, Depends(permit(auth.REQUEST_DIGEST))]
 AsOf = Annotated[datetime | None, Depends(aware_time("as_of"))]
 Since = Annotated[datetime | None, Depends(aware_time("since"))]
+Subject = Annotated[str, Path(pattern=SUBJECT_ID_PATTERN, description="1-32 letters, digits or -")]
 
 
 class AcknowledgeBody(BaseModel):
@@ -95,7 +97,7 @@ async def enrol(request: Request, who: Enroller, key: Key, body: Enrolment) -> J
 
 
 @router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event")
-async def record_event(request: Request, who: Recorder, key: Key, expected: IfMatch, subject_id: str,
+async def record_event(request: Request, who: Recorder, key: Key, expected: IfMatch, subject_id: Subject,
                        body: ClinicalEventBody) -> JSONResponse:
     cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.user, site_scope=who.site_scope,
                                expected_version=expected)
@@ -105,7 +107,7 @@ async def record_event(request: Request, who: Recorder, key: Key, expected: IfMa
 
 
 @router.get("/patients/{subject_id}", summary="The patient's current state")
-async def patient(request: Request, who: PatientReader, response: Response, subject_id: str) -> dict[str, Any]:
+async def patient(request: Request, who: PatientReader, response: Response, subject_id: Subject) -> dict[str, Any]:
     async with request.app.state.engine.connect() as conn:
         view = await queries.patient_view(conn, subject_id, protocol=request.app.state.protocol,
                                           now=_now(request), site_scope=who.site_scope)
@@ -114,14 +116,15 @@ async def patient(request: Request, who: PatientReader, response: Response, subj
 
 
 @router.get("/patients/{subject_id}/events", summary="The patient's full history, corrections included")
-async def patient_events(request: Request, who: PatientReader, subject_id: str, as_of: AsOf) -> dict[str, Any]:
+async def patient_events(request: Request, who: PatientReader, subject_id: Subject, as_of: AsOf) -> dict[str, Any]:
     async with request.app.state.engine.connect() as conn:
         history = await queries.patient_history(conn, subject_id, site_scope=who.site_scope, as_of=as_of)
     return {"subject_id": subject_id, "events": [e.public() for e in history]}
 
 
 @router.get("/alerts", summary="Alerts, newest first")
-async def alerts(request: Request, who: AlertReader, since: Since, subject_id: str | None = None,
+async def alerts(request: Request, who: AlertReader, since: Since,
+                 subject_id: Annotated[str | None, Query(pattern=SUBJECT_ID_PATTERN)] = None,
                  status: Literal["open", "withdrawn"] | None = None) -> dict[str, Any]:
     async with request.app.state.engine.connect() as conn:
         found = await queries.list_alerts(conn, site_scope=who.site_scope, subject_id=subject_id,
