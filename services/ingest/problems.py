@@ -33,6 +33,36 @@ TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "58")
 log = logging.getLogger(__name__)
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {"type": "array", "items": {
+            "type": "object", "required": ["path", "message"],
+            "properties": {"path": {"type": "string"}, "message": {"type": "string"}}}},
+    },
+}
+MEANING = {
+    401: "no token, or an unknown or revoked one",
+    403: "the token's role may not do this (or a site's staff name another site)",
+    404: "no such patient or alert (another site's patient answers so too)",
+    409: "the patient is already enrolled, or a concurrent write came first",
+    412: "If-Match names another stream_version; nothing was stored",
+    422: "a field, parameter or header is invalid; `errors` names each",
+    503: "the store cannot be reached; retry after Retry-After seconds",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for problem answers: each status with its meaning, as problem+json."""
+    return {status: {"description": MEANING.get(status, HTTPStatus(status).phrase),
+                     "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}} for status in statuses}
+
+
 def problem(status: int, detail: str, *, slug: str | None = None, title: str | None = None,
             errors: Sequence[FieldProblem] = (), headers: Mapping[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {
