@@ -136,7 +136,9 @@ class StrictJsonRoute(APIRoute):
             if self.body_field is not None and is_json(request.headers.get("content-type")):
                 raw = await request.body()
                 if raw:
-                    request._json = parse(raw)  # what Request.json() answers from now on
+                    # Request.json() answers this from now on; were that cache ever dropped,
+                    # FastAPI would parse again to the same value (``parse`` refused the rest).
+                    request._json = parse(raw)
             return await handle(request)
 
         return strict
