@@ -218,3 +218,12 @@ async def test_the_stores_own_refusal_of_a_nul_is_classed_as_data_not_outage(eng
         assert problems_module.store_refused_data(exc) and not problems_module.store_unavailable(exc)
     else:
         assert engine.dialect.name == "sqlite"
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+08:00", "9999-12-31T23:59:59-12:00"])
+async def test_a_query_time_at_the_ends_of_the_calendar_is_no_server_error(
+        client: httpx.AsyncClient, tokens: dict[str, str], patient: str, when: str) -> None:
+    admin = bearer(tokens["admin"])
+    for answer in (await client.get(f"/v1/patients/{patient}/events", params={"as_of": when}, headers=admin),
+                   await client.get("/v1/alerts", params={"since": when}, headers=admin)):
+        assert answer.status_code == 200, answer.text
