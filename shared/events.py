@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -33,7 +33,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
-SubjectId = Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,32}$")]
+SUBJECT_ID_PATTERN = r"^[A-Za-z0-9-]{1,32}$"
+SubjectId = Annotated[str, Field(pattern=SUBJECT_ID_PATTERN)]
 NAMESPACE = uuid.UUID("6f1c2a5e-3b7d-4c1e-9a57-2d6f0b8e4c11")
 
 # --------------------------------------------------------------------------- field types
@@ -42,6 +43,14 @@ NAMESPACE = uuid.UUID("6f1c2a5e-3b7d-4c1e-9a57-2d6f0b8e4c11")
 # for a time, "2025-03-02T00:00:00" for a date, true or "34" for an integer and "yes" for a boolean.
 # Bodies take JSON's own types only (CONTRACT.md section 2): times and dates are ISO 8601 text.
 # Python callers may still pass datetime and date objects.
+
+# The study's era (CONTRACT.md section 2): clinical times (``occurred_at``, ``enrolled_at``) lie
+# from STUDY_ERA_START (blinatumomab and this design did not exist before), a patient's history
+# (``transplant_date``, ``relapse_date``) from HISTORY_ERA_START, and nothing from ERA_END on.
+# Ingest also refuses the future against its clock (``services/ingest/domain/acceptance.py``).
+STUDY_ERA_START = date(2000, 1, 1)
+HISTORY_ERA_START = date(1990, 1, 1)
+ERA_END = date(2100, 1, 1)
 
 _ISO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -61,22 +70,46 @@ def _iso_date(value: object) -> object:
     raise PydanticCustomError("iso_date", "Input should be a date as a YYYY-MM-DD string")
 
 
+def _era(start: date) -> Any:
+    """A check that a date or time (read on its own clock: no conversion can overflow) lies in
+    [start, ERA_END)."""
+
+    def check(value: date) -> date:
+        day = value.date() if isinstance(value, datetime) else value
+        if not start <= day < ERA_END:
+            raise PydanticCustomError("outside_era", "{value} is outside the study's era ({start} to {end})",
+                                      {"value": value.isoformat(), "start": start.isoformat(),
+                                       "end": (ERA_END - timedelta(days=1)).isoformat()})
+        return value
+
+    return check
+
+
+def _one_line(value: str) -> str:
+    """Identifiers and short labels: printable, on one line (no tab, newline or invisible format
+    character; the JSON reader already refuses other control characters)."""
+    if not value.isprintable():
+        raise PydanticCustomError("not_printable", "Input should be printable text on one line")
+    return value
+
+
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise PydanticCustomError("blank_string", "Input should not be blank")
     return value
 
 
-IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_time)]
-IsoDate = Annotated[date, BeforeValidator(_iso_date)]
+IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_time), AfterValidator(_era(STUDY_ERA_START))]
+IsoDate = Annotated[date, BeforeValidator(_iso_date), AfterValidator(_era(HISTORY_ERA_START))]
 Integer = Annotated[int, Strict()]  # no booleans, no numeric strings, no 2.0
 Number = Annotated[float, Strict()]  # an int or a float; no strings, no booleans
 Flag = Annotated[bool, Strict()]  # true or false only
 Text = Annotated[str, AfterValidator(_not_blank)]
+Label = Annotated[str, AfterValidator(_one_line)]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- enrolment
@@ -97,7 +130,7 @@ class EligibilityOverride(Frozen):
     """Who enrolled an ineligible patient anyway, and why: both must say something."""
 
     reason: Text = Field(min_length=1, max_length=2000)
-    approved_by: Text = Field(min_length=1, max_length=200)
+    approved_by: Annotated[Text, AfterValidator(_one_line)] = Field(min_length=1, max_length=200)
 
 
 Cohort = Literal["mrd_positive", "hematologic_relapse"]
@@ -106,7 +139,7 @@ Arm = Literal["blinatumomab_dli", "usual_care"]
 
 class Enrolment(Frozen):
     subject_id: SubjectId
-    site_id: str = Field(min_length=1, max_length=32)
+    site_id: Label = Field(min_length=1, max_length=32)
     arm: Arm = "blinatumomab_dli"
     enrolled_at: IsoTime | None = None
     age_years: Number = Field(ge=0, le=120)
@@ -131,16 +164,22 @@ class _Body(Frozen):
     occurred_at: IsoTime
 
 
+# Plausible ranges (README, "Plausible values"): wide enough for every value a clinic records,
+# a real overdose included, narrow enough to refuse a unit slip by orders of magnitude or 1e308.
+MAX_DOSE_UG = 10_000.0  # µg a day: 28 µg is the adult dose; the label reports a 133-fold overdose
+MAX_MNC_PER_KG = 1e10  # cells/kg: 100 times the protocol's highest DLI (1e8)
+
+
 class BlinatumomabDose(_Body):
     type: Literal["blinatumomab_dose"]
     course: Integer = Field(ge=1, le=2)
     day: Integer = Field(ge=1, le=28)
-    dose_ug: Number = Field(gt=0)
+    dose_ug: Number = Field(gt=0, le=MAX_DOSE_UG)
 
 
 class Dli(_Body):
     type: Literal["dli"]
-    mnc_per_kg: Number = Field(gt=0)
+    mnc_per_kg: Number = Field(gt=0, le=MAX_MNC_PER_KG)
 
 
 Oxygen = Literal[
@@ -330,28 +369,35 @@ class Gvhd(_Body):
 class Infection(_Body):
     type: Literal["infection"]
     grade: Integer = Field(ge=1, le=5)
-    site: str = Field(min_length=1, max_length=200)
-    organism: str | None = Field(default=None, max_length=200)
+    site: Label = Field(min_length=1, max_length=200)
+    organism: Label | None = Field(default=None, max_length=200)
 
 
 LabTest = Literal["neutrophils", "platelets", "hemoglobin", "wbc", "lymphocytes"]
 LabUnit = Literal["10^9/L", "cells/mm3", "g/dL", "g/L"]
 COUNT_UNITS = ("10^9/L", "cells/mm3")
 HEMOGLOBIN_UNITS = ("g/dL", "g/L")
+# The highest plausible lab value per unit (value and lln): counts up to 5000 x 10^9/L (extreme
+# leukocytosis or thrombocytosis stays below), hemoglobin up to 30 g/dL.
+LAB_MAXIMUM = {"10^9/L": 5_000.0, "cells/mm3": 5_000_000.0, "g/dL": 30.0, "g/L": 300.0}
 
 
 class Lab(_Body):
     type: Literal["lab"]
     test: LabTest
-    value: Number = Field(ge=0)
+    value: Number = Field(ge=0, le=max(LAB_MAXIMUM.values()))
     unit: LabUnit
-    lln: Number | None = Field(default=None, gt=0)
+    lln: Number | None = Field(default=None, gt=0, le=max(LAB_MAXIMUM.values()))
 
     @model_validator(mode="after")
     def _unit_fits_test(self) -> Lab:
         allowed = HEMOGLOBIN_UNITS if self.test == "hemoglobin" else COUNT_UNITS
         if self.unit not in allowed:
             raise ValueError(f"unit {self.unit!r} does not fit test {self.test!r}; use one of {list(allowed)}")
+        most = LAB_MAXIMUM[self.unit]
+        for name in ("value", "lln"):
+            if (given := getattr(self, name)) is not None and given > most:
+                raise ValueError(f"{name} {given:g} {self.unit} is above the plausible {most:g} {self.unit}")
         return self
 
 

@@ -10,12 +10,13 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.ingest import auth, handlers, queries
 from services.ingest.auth import Principal
+from services.ingest.bodies import StrictJsonRoute
 from services.ingest.dependencies import aware_time, idempotency_key, if_match, permit
 from services.ingest.domain.errors import (
     Invalid,
@@ -26,9 +27,9 @@ from services.ingest.domain.errors import (
     VersionMismatch,
 )
 from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused
-from services.ingest.problems import Known
+from services.ingest.problems import Known, documented
 from services.ingest.unit_of_work import UnitOfWork
-from shared.events import ClinicalEventBody, Enrolment, StoredEvent
+from shared.events import SUBJECT_ID_PATTERN, ClinicalEventBody, Enrolment, StoredEvent
 from shared.store.eventstore import DuplicateEvent
 
 KNOWN_ERRORS = {
@@ -42,7 +43,7 @@ KNOWN_ERRORS = {
     DuplicateEvent: Known(409, "concurrent-write", "Concurrent write"),
 }
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses=documented(401, 403, 503))
 Key = Annotated[IdempotencyKey | None, Depends(idempotency_key)]
 IfMatch = Annotated[int | None, Depends(if_match)]
 Enroller = Annotated[Principal, Depends(permit(auth.ENROL))]
@@ -54,6 +55,7 @@ RuleReader = Annotated[Principal, Depends(permit(auth.READ_STOPPING_RULES))]
 DigestRequester = Annotated[Principal, Depends(permit(auth.REQUEST_DIGEST))]
 AsOf = Annotated[datetime | None, Depends(aware_time("as_of"))]
 Since = Annotated[datetime | None, Depends(aware_time("since"))]
+Subject = Annotated[str, Path(pattern=SUBJECT_ID_PATTERN, description="1-32 letters, digits or -")]
 
 
 class AcknowledgeBody(BaseModel):
@@ -86,7 +88,7 @@ def _accepted(stored: StoredEvent) -> Answer:
     return Answer(202, {"status": "accepted", "request_id": str(stored.event_id)}, recorded=(stored.type,))
 
 
-@router.post("/patients", status_code=201, summary="Enrol a patient")
+@router.post("/patients", status_code=201, summary="Enrol a patient", responses=documented(409, 422))
 async def enrol(request: Request, who: Enroller, key: Key, body: Enrolment) -> JSONResponse:
     cmd = handlers.Enrol(body, recorded_by=who.user, site_scope=who.site_scope)
     protocol, now = request.app.state.protocol, _now(request)
@@ -94,8 +96,9 @@ async def enrol(request: Request, who: Enroller, key: Key, body: Enrolment) -> J
         lambda conn: handlers.enrol(conn, cmd, protocol=protocol, now=now), _created, key))
 
 
-@router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event")
-async def record_event(request: Request, who: Recorder, key: Key, expected: IfMatch, subject_id: str,
+@router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event",
+             responses=documented(404, 409, 412, 422))
+async def record_event(request: Request, who: Recorder, key: Key, expected: IfMatch, subject_id: Subject,
                        body: ClinicalEventBody) -> JSONResponse:
     cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.user, site_scope=who.site_scope,
                                expected_version=expected)
@@ -104,8 +107,8 @@ async def record_event(request: Request, who: Recorder, key: Key, expected: IfMa
         lambda conn: handlers.record_event(conn, cmd, protocol=protocol, now=now), _created, key))
 
 
-@router.get("/patients/{subject_id}", summary="The patient's current state")
-async def patient(request: Request, who: PatientReader, response: Response, subject_id: str) -> dict[str, Any]:
+@router.get("/patients/{subject_id}", summary="The patient's current state", responses=documented(404, 422))
+async def patient(request: Request, who: PatientReader, response: Response, subject_id: Subject) -> dict[str, Any]:
     async with request.app.state.engine.connect() as conn:
         view = await queries.patient_view(conn, subject_id, protocol=request.app.state.protocol,
                                           now=_now(request), site_scope=who.site_scope)
@@ -113,15 +116,17 @@ async def patient(request: Request, who: PatientReader, response: Response, subj
     return view
 
 
-@router.get("/patients/{subject_id}/events", summary="The patient's full history, corrections included")
-async def patient_events(request: Request, who: PatientReader, subject_id: str, as_of: AsOf) -> dict[str, Any]:
+@router.get("/patients/{subject_id}/events", summary="The patient's full history, corrections included",
+            responses=documented(404, 422))
+async def patient_events(request: Request, who: PatientReader, subject_id: Subject, as_of: AsOf) -> dict[str, Any]:
     async with request.app.state.engine.connect() as conn:
         history = await queries.patient_history(conn, subject_id, site_scope=who.site_scope, as_of=as_of)
     return {"subject_id": subject_id, "events": [e.public() for e in history]}
 
 
-@router.get("/alerts", summary="Alerts, newest first")
-async def alerts(request: Request, who: AlertReader, since: Since, subject_id: str | None = None,
+@router.get("/alerts", summary="Alerts, newest first", responses=documented(422))
+async def alerts(request: Request, who: AlertReader, since: Since,
+                 subject_id: Annotated[str | None, Query(pattern=SUBJECT_ID_PATTERN)] = None,
                  status: Literal["open", "withdrawn"] | None = None) -> dict[str, Any]:
     async with request.app.state.engine.connect() as conn:
         found = await queries.list_alerts(conn, site_scope=who.site_scope, subject_id=subject_id,
@@ -129,7 +134,7 @@ async def alerts(request: Request, who: AlertReader, since: Since, subject_id: s
     return {"alerts": [a.public() for a in found]}
 
 
-@router.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert")
+@router.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert", responses=documented(404, 422))
 async def acknowledge(request: Request, who: Acknowledger, key: Key, alert_id: uuid.UUID,
                       body: AcknowledgeBody | None = None) -> JSONResponse:
     cmd = handlers.AcknowledgeAlert(alert_id, body.note if body else None, acknowledged_by=who.user)
@@ -145,7 +150,7 @@ async def stopping_rules(request: Request, who: RuleReader) -> dict[str, Any]:
     return {"rules": rules}
 
 
-@router.post("/digests", status_code=202, summary="Send the DSMB summary now")
+@router.post("/digests", status_code=202, summary="Send the DSMB summary now", responses=documented(422))
 async def digest(request: Request, who: DigestRequester, key: Key) -> JSONResponse:
     cmd, now = handlers.RequestDigest(requested_by=who.user), _now(request)
     return _answer(await _uow(request).run(

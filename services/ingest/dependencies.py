@@ -18,6 +18,8 @@ from services.ingest.problems import Problem
 
 _AWARE = TypeAdapter(AwareDatetime)
 _UNESCAPED_PLUS = re.compile(r" (\d{2}(?::?\d{2})?)$")
+_KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_KEY_LENGTH}}}")
+_VERSION = re.compile(r"[0-9]{1,18}")  # a stream version fits a 64-bit integer
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="trialwatch"'}
 _bearer = HTTPBearer(auto_error=False, description="a token from `trialwatch token create`")
 
@@ -51,9 +53,10 @@ async def idempotency_key(request: Request, principal: Annotated[Principal, Depe
                           key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> IdempotencyKey | None:
     if key is None:
         return None
-    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
-        raise Problem(422, "Idempotency-Key must be 1-200 printable characters", slug="validation",
-                      title="Invalid request", errors=[FieldProblem("Idempotency-Key", "1-200 printable characters")])
+    if not _KEY.fullmatch(key):
+        raise Problem(422, f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} printable ASCII characters", slug="validation",
+                      title="Invalid request",
+                      errors=[FieldProblem("Idempotency-Key", f"1-{MAX_KEY_LENGTH} printable ASCII characters")])
     return IdempotencyKey(key=key, token_hash=principal.token_hash,
                           method_path=f"{request.method} {request.url.path}",
                           body_hash=body_hash(await request.body()))
@@ -64,9 +67,10 @@ def if_match(value: Annotated[str | None, Header(alias="If-Match")] = None) -> i
     if value is None:
         return None
     version = value.strip().removeprefix("W/").strip('"')
-    if not version.isdigit():
+    if not _VERSION.fullmatch(version):
+        shown = value if len(value) <= 40 else value[:40] + "..."
         raise Problem(422, "If-Match must be a stream_version (a whole number)", slug="validation",
-                      title="Invalid request", errors=[FieldProblem("If-Match", f"{value!r} is not a stream_version")])
+                      title="Invalid request", errors=[FieldProblem("If-Match", f"{shown!r} is not a stream_version")])
     return int(version)
 
 

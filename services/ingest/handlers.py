@@ -18,10 +18,11 @@ from services.ingest.domain.acceptance import (
     amendment_problems,
     grade_conflict_problems,
     missing_observations,
+    not_after_today,
     not_ahead,
     time_problems,
 )
-from services.ingest.domain.access import check_site, enrolled_site
+from services.ingest.domain.access import check_site, reachable_site
 from services.ingest.domain.death import after_death_problems, describe, recorded_death
 from services.ingest.domain.eligibility import failed_criteria
 from services.ingest.domain.errors import (
@@ -87,7 +88,8 @@ async def enrol(conn: AsyncConnection, cmd: Enrol, *, protocol: Protocol, now: d
     """Enrol one patient: the first event of the patient's stream.
 
     - A site's staff enrol at their own site only.
-    - ``enrolled_at`` defaults to now and may not lie in the future.
+    - ``enrolled_at`` defaults to now and may not lie in the future, nor may the transplant and
+      relapse dates (the study's era, ``shared/events.py``, bounds them all from below).
     - Every failed criterion is named (422) unless ``eligibility_override`` is given; then the
       enrolment is stored with the failed criteria's paths in ``failed_criteria`` (the safety
       service raises the protocol-deviation alert).
@@ -98,7 +100,9 @@ async def enrol(conn: AsyncConnection, cmd: Enrol, *, protocol: Protocol, now: d
     enrolled_at = e.enrolled_at or now
     failed = failed_criteria(e, max_age_years=protocol.trial.max_age_years)
     refused = failed if e.eligibility_override is None else []
-    if problems := not_ahead("enrolled_at", enrolled_at, now) + refused:
+    dates = [p for name in ("transplant_date", "relapse_date")
+             for p in not_after_today(name, getattr(e, name), now, protocol.tz)]
+    if problems := not_ahead("enrolled_at", enrolled_at, now) + dates + refused:
         raise Invalid(problems, "the enrolment cannot be recorded: " + ", ".join(p.path for p in problems)
                       + (" (eligibility_override enrols an ineligible patient)" if refused else ""))
     data = e.model_dump(mode="json") | {"enrolled_at": enrolled_at.isoformat(),
@@ -117,7 +121,7 @@ async def record_event(conn: AsyncConnection, cmd: RecordEvent, *, protocol: Pro
                        now: datetime) -> StoredEvent:
     """Record one clinical event in the patient's stream.
 
-    - The patient must be enrolled (404), at the caller's site for a site's staff (403).
+    - The patient must be enrolled, at the caller's site for a site's staff (else 404 alike).
     - ``occurred_at`` at most 5 minutes ahead; corrections and retractions point at a live
       observation of this patient (``domain/acceptance.py``).
     - A CRS grade derived from observations needs all four of them, each missing one named.
@@ -147,7 +151,7 @@ async def record_event(conn: AsyncConnection, cmd: RecordEvent, *, protocol: Pro
 
 def _decide(cmd: RecordEvent, history: list[StoredEvent], *, protocol: Protocol, now: datetime) -> NewEvent:
     """The event to append after ``history``, or ``Invalid`` naming every problem."""
-    check_site(cmd.site_scope, enrolled_site(cmd.subject_id, history), f"patient {cmd.subject_id}")
+    reachable_site(cmd.site_scope, cmd.subject_id, history)
     expected, actual = cmd.expected_version, history[-1].stream_version
     if expected is not None and expected != actual:  # checked again under the store's lock
         raise VersionMismatch(cmd.subject_id, expected, actual)

@@ -44,7 +44,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: the store and the bus answer",
-            responses={503: {"description": "a check failed"}})
+            responses={503: {"description": "a check failed", "content": {"application/json": {}}}})
 async def readyz(request: Request) -> JSONResponse:
     outcomes = await run_checks(request.app.state.readiness_checks)
     failed = sorted(name for name, outcome in outcomes.items() if outcome != "ok")
@@ -52,7 +52,8 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503 if failed else 200)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"description": "the Prometheus text format", "content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics
     return Response(registry.render(), media_type=registry.content_type)

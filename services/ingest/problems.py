@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import exc as sa
 from starlette.exceptions import HTTPException
 
 from services.ingest.domain.errors import FieldProblem, Invalid
@@ -26,8 +26,41 @@ from shared import events as schemas
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://trialwatch.invalid/problems/"
-STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, ConnectionError)
+# SQLSTATE classes of a database that is away or busy, not of a request it refuses: connection
+# exception, transaction rollback (serialization, deadlock), insufficient resources, operator
+# intervention (shutdown, cannot connect now), system error.
+TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "58")
 log = logging.getLogger(__name__)
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {"type": "array", "items": {
+            "type": "object", "required": ["path", "message"],
+            "properties": {"path": {"type": "string"}, "message": {"type": "string"}}}},
+    },
+}
+MEANING = {
+    401: "no token, or an unknown or revoked one",
+    403: "the token's role may not do this (or a site's staff name another site)",
+    404: "no such patient or alert (another site's patient answers so too)",
+    409: "the patient is already enrolled, or a concurrent write came first",
+    412: "If-Match names another stream_version; nothing was stored",
+    422: "a field, parameter or header is invalid; `errors` names each",
+    503: "the store cannot be reached; retry after Retry-After seconds",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for problem answers: each status with its meaning, as problem+json."""
+    return {status: {"description": MEANING.get(status, HTTPStatus(status).phrase),
+                     "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}} for status in statuses}
 
 
 def problem(status: int, detail: str, *, slug: str | None = None, title: str | None = None,
@@ -135,6 +168,40 @@ def content_type_problem(content_type: str | None, errors: Iterable[Mapping[str,
                             f"was sent with {sent}")
 
 
+# --------------------------------------------------------------------------- store errors
+
+def _causes(error: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+
+
+def _sqlstate(error: BaseException) -> str:
+    return next((str(s) for e in _causes(error) if (s := getattr(e, "sqlstate", None) or getattr(e, "pgcode", None))),
+                "")
+
+
+def store_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says the store is away or busy (a retry can succeed): lost or refused
+    connections, timeouts, a locked or shut-down database. A value the store refuses is not."""
+    if isinstance(error, (sa.TimeoutError, sa.DisconnectionError, sa.OperationalError, sa.InterfaceError)):
+        return True
+    if isinstance(error, sa.DBAPIError) and error.connection_invalidated:
+        return True
+    if _sqlstate(error).startswith(TRANSIENT_SQLSTATES):
+        return True
+    return any(isinstance(e, (OSError, TimeoutError)) for e in _causes(error))
+
+
+def store_refused_data(error: BaseException) -> bool:
+    """Whether the store refused a value of the request (SQLSTATE class 22: a NUL in text, a number
+    out of the column's range...). Validation should have caught it first."""
+    return isinstance(error, sa.DataError) or _sqlstate(error).startswith("22")
+
+
 # --------------------------------------------------------------------------- handlers
 
 def install(app: FastAPI, known: Mapping[type[Exception], Known]) -> None:
@@ -156,14 +223,22 @@ def install(app: FastAPI, known: Mapping[type[Exception], Known]) -> None:
         assert isinstance(exc, HTTPException)
         return problem(exc.status_code, str(exc.detail), headers=exc.headers)
 
-    async def on_store(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("store unavailable: %s", exc)
-        return problem(503, "the event store cannot be reached; try again shortly", slug="store-unavailable",
-                       title="Store unavailable", headers={"Retry-After": "5"})
-
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(500, "an unexpected error; it has been logged", slug="internal")
+
+    async def on_store(request: Request, exc: Exception) -> JSONResponse:
+        """Only a store that is away or busy is a 503 (clients retry it); a data error never is."""
+        if store_unavailable(exc):
+            log.warning("store unavailable: %s", exc)
+            return problem(503, "the event store cannot be reached; try again shortly", slug="store-unavailable",
+                           title="Store unavailable", headers={"Retry-After": "5"})
+        if store_refused_data(exc):
+            log.error("the store refused a value that passed validation on %s %s: %s", request.method,
+                      request.url.path, exc)
+            return problem(422, "the store cannot hold a value of this request; nothing was stored",
+                           slug="unstorable", title="Invalid request")
+        return await on_unexpected(request, exc)
 
     def on_known(entry: Known):  # type: ignore[no-untyped-def]
         async def handle(request: Request, exc: Exception) -> JSONResponse:
@@ -174,7 +249,7 @@ def install(app: FastAPI, known: Mapping[type[Exception], Known]) -> None:
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
-    for error_type in STORE_ERRORS:
+    for error_type in (sa.SQLAlchemyError, OSError, TimeoutError):
         app.add_exception_handler(error_type, on_store)
     for error_type, entry in known.items():
         app.add_exception_handler(error_type, on_known(entry))

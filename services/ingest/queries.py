@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.ingest.domain.access import check_site, enrolled_site, visible
+from services.ingest.domain.access import reachable_site, visible
 from shared.alert_log import AlertView, fold_alerts
 from shared.clinical.patient import fold_patient
 from shared.clinical.stopping import evaluate_inputs
@@ -27,7 +27,7 @@ from shared.store import eventstore
 async def _history(conn: AsyncConnection, subject_id: str, site_scope: str | None,
                    as_of: datetime | None = None) -> list[StoredEvent]:
     history = await eventstore.read_stream(conn, patient_stream(subject_id))
-    check_site(site_scope, enrolled_site(subject_id, history), f"patient {subject_id}")
+    reachable_site(site_scope, subject_id, history)
     if as_of is not None:
         history = [e for e in history if e.recorded_at <= as_of]
     return history

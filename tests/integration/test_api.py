@@ -20,7 +20,7 @@ from services.ingest.auth import create_token
 from shared.protocol import Protocol
 from shared.settings import Settings
 from shared.store import eventstore
-from tests.support.api import PROBLEM, bearer, enrol, enrolment, new_token, post_event, raise_alert
+from tests.support.api import PROBLEM, bearer, enrol, enrolment, new_token, post_event, raise_alert, subject
 
 # --------------------------------------------------------------------------- authentication
 
@@ -120,23 +120,40 @@ async def test_each_role_may_do_what_its_role_allows_and_is_403_otherwise(
     assert status == ({"enrol": 201, "record": 201, "digest": 202}.get(action, 200) if allowed else 403)
 
 
-async def test_site_staff_cannot_read_or_write_another_sites_patients(
-        client: httpx.AsyncClient, tokens: dict[str, str]) -> None:
+async def test_another_sites_patient_answers_exactly_as_an_unknown_one(
+        client: httpx.AsyncClient, engine: AsyncEngine, tokens: dict[str, str]) -> None:
+    """So subject ids cannot be probed across sites (CONTRACT.md section 2)."""
     s02_patient = await enrol(client, tokens["staff_s02"], "S02")
+    await raise_alert(engine, s02_patient, "S02")
+    unknown = subject("S02")
     s01 = tokens["staff_s01"]
     follow_up = {"type": "follow_up", "occurred_at": "2025-12-01T10:00:00+08:00"}
-    refused = [
-        await client.get(f"/v1/patients/{s02_patient}", headers=bearer(s01)),
-        await client.get(f"/v1/patients/{s02_patient}/events", headers=bearer(s01)),
-        await post_event(client, s01, s02_patient, follow_up),
-        await client.post("/v1/patients", json=enrolment(site="S02"), headers=bearer(s01)),
-    ]
-    assert [a.status_code for a in refused] == [403, 403, 403, 403]
-    assert all(a.headers["content-type"].startswith(PROBLEM) for a in refused)
+
+    async def ask(subject_id: str) -> list[httpx.Response]:
+        return [
+            await client.get(f"/v1/patients/{subject_id}", headers=bearer(s01)),
+            await client.get(f"/v1/patients/{subject_id}/events", headers=bearer(s01)),
+            await post_event(client, s01, subject_id, follow_up),
+            await post_event(client, s01, subject_id, follow_up, **{"If-Match": "1"}),
+            await client.get("/v1/alerts", params={"subject_id": subject_id}, headers=bearer(s01)),
+        ]
+
+    def shape(answer: httpx.Response, subject_id: str) -> tuple[int, str, str]:
+        return answer.status_code, answer.headers["content-type"], answer.text.replace(subject_id, "<subject>")
+
+    theirs, nobodys = await ask(s02_patient), await ask(unknown)
+    assert [a.status_code for a in theirs] == [404, 404, 404, 404, 200]
+    assert [shape(a, s02_patient) for a in theirs] == [shape(a, unknown) for a in nobodys]
+    assert theirs[-1].json() == {"alerts": []}
+    # Enrolling at another site names that site, probes nothing: still refused as such.
+    other_site = await client.post("/v1/patients", json=enrolment(site="S02"), headers=bearer(s01))
+    assert other_site.status_code == 403 and other_site.headers["content-type"].startswith(PROBLEM)
     # S02's own staff may.
     assert (await post_event(client, tokens["staff_s02"], s02_patient, follow_up)).status_code == 201
     history = await client.get(f"/v1/patients/{s02_patient}/events", headers=bearer(tokens["staff_s02"]))
     assert [e["type"] for e in history.json()["events"]] == ["patient_enrolled", "follow_up"]
+    assert len((await client.get("/v1/alerts", params={"subject_id": s02_patient},
+                                 headers=bearer(tokens["staff_s02"]))).json()["alerts"]) == 1
 
 
 async def test_recorded_by_is_the_tokens_user(client: httpx.AsyncClient, engine: AsyncEngine) -> None:

@@ -7,7 +7,7 @@ observation of the same patient, so the rules here guard those pointers and clin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 
 from pydantic import BaseModel
 
@@ -22,6 +22,14 @@ def not_ahead(path: str, when: datetime, now: datetime) -> list[FieldProblem]:
     """Clinical time may lie at most 5 minutes ahead of the server's clock (skew, not the future)."""
     if when > now + FUTURE_TOLERANCE:
         return [FieldProblem(path, f"{when.isoformat()} is in the future")]
+    return []
+
+
+def not_after_today(path: str, day: date, now: datetime, tz: tzinfo) -> list[FieldProblem]:
+    """A date of the patient's history lies on or before the trial's today."""
+    today = now.astimezone(tz).date()
+    if day > today:
+        return [FieldProblem(path, f"{day.isoformat()} is in the future (today is {today.isoformat()})")]
     return []
 
 

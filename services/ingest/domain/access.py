@@ -16,8 +16,18 @@ def enrolled_site(subject_id: str, history: Sequence[StoredEvent]) -> str:
     return str(enrolment.data["site_id"])
 
 
+def reachable_site(site_scope: str | None, subject_id: str, history: Sequence[StoredEvent]) -> str:
+    """The site of an enrolled patient the caller may reach. Another site's patient is answered
+    exactly as an unknown one (``UnknownPatient``), so subject ids cannot be probed across sites."""
+    site_id = enrolled_site(subject_id, history)
+    if not visible(site_scope, site_id):
+        raise UnknownPatient(subject_id)
+    return site_id
+
+
 def check_site(site_scope: str | None, site_id: str | None, what: str) -> None:
-    """``site_scope`` None reaches every site; a site's staff reach only theirs."""
+    """``site_scope`` None reaches every site; a site's staff reach only theirs (enrolling at
+    another site is refused as such: the caller named the site, nothing is probed)."""
     if site_scope is not None and site_id != site_scope:
         raise OtherSite(site_scope, what)
 
