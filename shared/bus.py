@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import nats
 from faststream.nats import NatsBroker
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
@@ -31,6 +32,7 @@ from shared.store.tables import events, outbox
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 120.0
+STREAM_ADMIN_TIMEOUT_S = 20.0  # creating a stream's replicas on a busy cluster takes seconds
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,16 @@ async def ensure_stream(url: str, names: BusNames, *, replicas: int | None = Non
 
     ``replicas`` is how many servers of a cluster keep a copy (``TRIALWATCH_STREAM_REPLICAS``).
     Without it an existing stream keeps the number it has and a new one gets 1, so a caller that
-    does not know the setting never shrinks a replicated stream.
+    does not know the setting never shrinks a replicated stream. A stream already as wanted is
+    left alone: several services starting at once on a cluster would otherwise queue proposals
+    for the same change behind the creation of the replicas.
     """
     nc = await nats.connect(nats_servers(url), connect_timeout=5, max_reconnect_attempts=3)
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=STREAM_ADMIN_TIMEOUT_S)
         try:
             await _apply_stream(js, names, replicas)
-        except BadRequestError:  # created by another process between our look and our add
+        except (BadRequestError, NatsTimeoutError):  # another process was creating it meanwhile
             await _apply_stream(js, names, replicas)
     finally:
         await nc.close()
@@ -81,18 +85,19 @@ async def ensure_stream(url: str, names: BusNames, *, replicas: int | None = Non
 
 async def _apply_stream(js: JetStreamContext, names: BusNames, replicas: int | None) -> None:
     try:
-        current: int | None = (await js.stream_info(names.stream)).config.num_replicas
+        current: StreamConfig | None = (await js.stream_info(names.stream)).config
     except NotFoundError:
         current = None
     config = StreamConfig(
         name=names.stream,
         subjects=[names.all_events],
         duplicate_window=DUPLICATE_WINDOW_S,
-        num_replicas=replicas or current or 1,
+        num_replicas=replicas or (current.num_replicas if current else None) or 1,
     )
     if current is None:
         await js.add_stream(config)
-    else:
+    elif (current.subjects, current.duplicate_window, current.num_replicas) != (
+            config.subjects, config.duplicate_window, config.num_replicas):
         await js.update_stream(config)
 
 
