@@ -22,6 +22,7 @@ from services.children import ServiceChildren
 from services.ingest.auth import create_token
 from services.notify.capture import MailCapture
 from services.notify.deliveries import MAILED_TYPES
+from shared.bus import BusNames, ensure_stream
 from shared.embedded_nats import free_port
 from shared.events import ALERT_RAISED
 from shared.store.tables import dead_letters, deliveries, events, outbox, processed_messages
@@ -91,6 +92,9 @@ async def test_a_node_killed_under_load_loses_nothing_and_mails_each_urgent_aler
     info = await cluster.stream_info(stream)
     assert info.config.num_replicas == 3
     assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+    # A service that does not know the setting (the safety service's own start-up) leaves it so.
+    await ensure_stream(cluster.url, BusNames(stream, env["TRIALWATCH_SUBJECT_PREFIX"]))
+    assert (await cluster.stream_info(stream)).config.num_replicas == 3
 
     async with own_engine.begin() as conn:
         token = await create_token(conn, user="nurse", role="site_staff", site_id="S01")
