@@ -56,9 +56,14 @@ def _serve(service: Coroutine[Any, Any, None]) -> None:
     asyncio.run(service)
 
 
+MIGRATE = typer.Option(True, "--migrate/--no-migrate",
+                       help="Bring the schema to head first (`up` does it once for its children).")
+
+
 @app.command()
 def up() -> None:
-    """Run the whole system here: embedded NATS, SQLite, SMTP capture and the three services."""
+    """Run the whole system here: embedded NATS, SQLite, SMTP capture and the three services, each
+    in a child process."""
     from services.runner import run_all
 
     _logging()
@@ -66,30 +71,30 @@ def up() -> None:
 
 
 @app.command()
-def ingest() -> None:
+def ingest(migrate: bool = MIGRATE) -> None:
     """Run the HTTP API (needs TRIALWATCH_NATS_URL and a database)."""
     from services.runner import run_ingest
 
     _logging()
-    _serve(run_ingest(_settings()))
+    _serve(run_ingest(_settings(), migrate=migrate))
 
 
 @app.command()
-def safety() -> None:
+def safety(migrate: bool = MIGRATE) -> None:
     """Run the safety service."""
     from services.runner import run_safety
 
     _logging()
-    _serve(run_safety(_settings()))
+    _serve(run_safety(_settings(), migrate=migrate))
 
 
 @app.command()
-def notify() -> None:
+def notify(migrate: bool = MIGRATE) -> None:
     """Run the notifier (alert mails and the DSMB summary)."""
     from services.runner import run_notify
 
     _logging()
-    _serve(run_notify(_settings()))
+    _serve(run_notify(_settings(), migrate=migrate))
 
 
 @token_app.command("create")

@@ -1,7 +1,9 @@
-"""Running the services: all in one process (``trialwatch up``) or one each.
+"""Running the services: all on this machine (``trialwatch up``) or one each.
 
-Embedded defaults (CONTRACT.md section 1) stand in for whatever URL is not set: SQLite under the
-data dir, a ``nats-server`` child process, and an SMTP capture writing ``<data dir>/mail/*.eml``.
+``up`` starts embedded defaults (CONTRACT.md section 1) for whatever URL is not set: SQLite under
+the data dir, a ``nats-server`` child process, and an SMTP capture writing
+``<data dir>/mail/*.eml``; then it runs the three services as child processes against them
+(services/children.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,12 +21,13 @@ import uvicorn
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.children import ServiceChildren
 from services.ingest.app import create_app as create_ingest_app
 from services.notify.app import NotifyService
 from services.notify.capture import MailCapture
-from services.safety.app import SafetyService, make_broker
+from services.safety.app import SafetyService
 from services.safety.handlers import SafetyMonitor
-from shared.bus import BusNames, OutboxRelay, check_nats, ensure_stream
+from shared.bus import BusNames, OutboxRelay, check_nats, ensure_stream, nats_broker
 from shared.embedded_nats import EmbeddedNats
 from shared.events import StoredEvent
 from shared.protocol import load_protocol
@@ -98,7 +102,7 @@ def ingest_app(settings: Settings, engine: AsyncEngine, nats_url: str) -> Any:
     names = BusNames(settings.stream_name, settings.subject_prefix)
 
     async def relay() -> None:
-        broker = make_broker(nats_url)
+        broker = nats_broker(nats_url)
         await broker.connect()
         stop = asyncio.Event()
         try:
@@ -118,16 +122,29 @@ async def serve_http(settings: Settings, app: Any) -> None:
 
 
 async def run_all(settings: Settings) -> None:
+    """The embedded parts here, each service in a child process; on the way out the children
+    stop first, then the SMTP capture, then the broker."""
     async with embedded(settings) as ends:
-        await migrate_async(ends.database_url)
-        engine = make_engine(ends.database_url)
-        await ensure_stream(ends.nats_url, BusNames(settings.stream_name, settings.subject_prefix))
-        safety = SafetyService(settings, nats_url=ends.nats_url, engine=engine).app()
-        notify = NotifyService(settings, nats_url=ends.nats_url, smtp_url=ends.smtp_url, engine=engine).app()
-        async with safety, notify:
+        await migrate_async(ends.database_url)  # once, before the services: SQLite has no migration lock
+        await ensure_stream(ends.nats_url, names_of(settings), replicas=settings.stream_replicas)
+        async with ServiceChildren(child_environment(settings, ends)) as children:
             log.info("TrialWatch is up: API on http://%s:%s", settings.http_host, settings.http_port)
-            await serve_http(settings, ingest_app(settings, engine, ends.nats_url))
-        await engine.dispose()
+            await children.keep_running()
+
+
+def child_environment(settings: Settings, ends: Endpoints) -> dict[str, str]:
+    """What a service child reads its settings from: ours, with the resolved URLs."""
+    return {
+        **os.environ,
+        "TRIALWATCH_DATA_DIR": str(settings.data_dir.resolve()),
+        "TRIALWATCH_DATABASE_URL": ends.database_url,
+        "TRIALWATCH_NATS_URL": ends.nats_url,
+        "TRIALWATCH_SMTP_URL": ends.smtp_url,
+    }
+
+
+def names_of(settings: Settings) -> BusNames:
+    return BusNames(settings.stream_name, settings.subject_prefix)
 
 
 def _require(value: str | None, name: str) -> str:
@@ -136,10 +153,11 @@ def _require(value: str | None, name: str) -> str:
     return value
 
 
-async def run_ingest(settings: Settings) -> None:
-    await migrate_async(settings.resolved_database_url)
+async def run_ingest(settings: Settings, *, migrate: bool = True) -> None:
+    if migrate:
+        await migrate_async(settings.resolved_database_url)
     nats_url = _require(settings.nats_url, "TRIALWATCH_NATS_URL")
-    await ensure_stream(nats_url, BusNames(settings.stream_name, settings.subject_prefix))
+    await ensure_stream(nats_url, names_of(settings), replicas=settings.stream_replicas)
     engine = make_engine(settings.resolved_database_url)
     await serve_http(settings, ingest_app(settings, engine, nats_url))
 
@@ -148,14 +166,19 @@ async def _run_until_signal(app: Any) -> None:
     await app.run()
 
 
-async def run_safety(settings: Settings) -> None:
-    await migrate_async(settings.resolved_database_url)
-    service = SafetyService(settings, nats_url=_require(settings.nats_url, "TRIALWATCH_NATS_URL"))
+async def run_safety(settings: Settings, *, migrate: bool = True) -> None:
+    if migrate:
+        await migrate_async(settings.resolved_database_url)
+    nats_url = _require(settings.nats_url, "TRIALWATCH_NATS_URL")
+    # The stream first, replicated as set: the service's own start-up leaves an existing one as it is.
+    await ensure_stream(nats_url, names_of(settings), replicas=settings.stream_replicas)
+    service = SafetyService(settings, nats_url=nats_url, broker=nats_broker(nats_url))
     await _run_until_signal(service.app())
 
 
-async def run_notify(settings: Settings) -> None:
-    await migrate_async(settings.resolved_database_url)
+async def run_notify(settings: Settings, *, migrate: bool = True) -> None:
+    if migrate:
+        await migrate_async(settings.resolved_database_url)
     service = NotifyService(
         settings, nats_url=_require(settings.nats_url, "TRIALWATCH_NATS_URL"),
         smtp_url=_require(settings.smtp_url, "TRIALWATCH_SMTP_URL"),
@@ -225,7 +248,7 @@ async def list_dead_letters(settings: Settings) -> list[dict[str, Any]]:
 async def replay_dead_letter(settings: Settings, dead_letter_id: int) -> None:
     nats_url = _require(settings.nats_url, "TRIALWATCH_NATS_URL")
     engine = make_engine(settings.resolved_database_url)
-    broker = make_broker(nats_url)
+    broker = nats_broker(nats_url)
     try:
         async with engine.connect() as conn:
             row = (await conn.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id))).first()

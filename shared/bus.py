@@ -19,8 +19,10 @@ from urllib.parse import urlsplit
 
 import nats
 from faststream.nats import NatsBroker
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +32,7 @@ from shared.store.tables import events, outbox
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 120.0
+STREAM_ADMIN_TIMEOUT_S = 20.0  # creating a stream's replicas on a busy cluster takes seconds
 
 
 @dataclass(frozen=True)
@@ -45,30 +48,75 @@ class BusNames:
         return f"{self.prefix}.events.{event_type}"
 
 
-async def ensure_stream(url: str, names: BusNames) -> None:
-    """Create the stream, or bring an existing one to this configuration."""
-    config = StreamConfig(
-        name=names.stream,
-        subjects=[names.all_events],
-        duplicate_window=DUPLICATE_WINDOW_S,
-    )
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
+def nats_servers(url: str) -> list[str]:
+    """The servers ``TRIALWATCH_NATS_URL`` names: one URL, or the URLs of a cluster's servers
+    comma-separated (neither nats-py nor FastStream splits a string; they take a list)."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}")
+    return servers
+
+
+def nats_broker(url: str) -> NatsBroker:
+    """A FastStream broker on every server ``url`` names, reconnecting without end (to another
+    server of the cluster when its own goes away)."""
+    return NatsBroker(nats_servers(url), max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5)
+
+
+async def ensure_stream(url: str, names: BusNames, *, replicas: int | None = None) -> None:
+    """Create the stream, or bring an existing one to this configuration.
+
+    ``replicas`` is how many servers of a cluster keep a copy (``TRIALWATCH_STREAM_REPLICAS``).
+    Without it an existing stream keeps the number it has and a new one gets 1, so a caller that
+    does not know the setting never shrinks a replicated stream. A stream already as wanted is
+    left alone: several services starting at once on a cluster would otherwise queue proposals
+    for the same change behind the creation of the replicas.
+    """
+    nc = await nats.connect(nats_servers(url), connect_timeout=5, max_reconnect_attempts=3)
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=STREAM_ADMIN_TIMEOUT_S)
         try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+            await _apply_stream(js, names, replicas)
+        except (BadRequestError, NatsTimeoutError):  # another process was creating it meanwhile
+            await _apply_stream(js, names, replicas)
     finally:
         await nc.close()
 
 
+async def _apply_stream(js: JetStreamContext, names: BusNames, replicas: int | None) -> None:
+    try:
+        current: StreamConfig | None = (await js.stream_info(names.stream)).config
+    except NotFoundError:
+        current = None
+    config = StreamConfig(
+        name=names.stream,
+        subjects=[names.all_events],
+        duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas or (current.num_replicas if current else None) or 1,
+    )
+    if current is None:
+        await js.add_stream(config)
+    elif (current.subjects, current.duplicate_window, current.num_replicas) != (
+            config.subjects, config.duplicate_window, config.num_replicas):
+        await js.update_stream(config)
+
+
 async def check_nats(url: str) -> None:
-    """Readiness: the server answers and JetStream is on (a refused port fails at once)."""
-    parts = urlsplit(url)
-    _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), 2)
-    writer.close()
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+    """Readiness: a server answers and JetStream is on (refused ports fail at once; of a
+    cluster's servers, one that answers is enough)."""
+    reachable = []
+    for server in nats_servers(url):
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), 2)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        reachable.append(server)
+    if not reachable:
+        raise ConnectionRefusedError(f"no NATS server answers at {url}")
+    nc = await nats.connect(reachable, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
     try:
         await nc.jetstream().account_info()
     finally:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,11 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) 
     raise TimeoutError(f"nats-server did not listen on port {port} within {timeout} s")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: Linux sends it SIGTERM when the process that started it dies,
-    however that happens (kill -9 included), so no orphaned nats-server keeps the store locked.
-    (Strictly, when the starting *thread* ends: start it from a thread that lives as long as you.)"""
+def die_with_parent() -> None:
+    """In the child before exec (``preexec_fn``): Linux sends it SIGTERM when the process that
+    started it dies, however that happens (kill -9 included), so no orphaned nats-server keeps the
+    store locked and no orphaned service keeps working. (Strictly, when the starting *thread*
+    ends: start it from a thread that lives as long as you.)"""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -61,12 +63,14 @@ class EmbeddedNats:
     """Start with ``start()``, stop with ``stop()``; ``url`` is where it listens.
 
     The JetStream store lives under ``store_dir`` so a restart on the same directory keeps the
-    stream (that is what a broker restart test needs).
+    stream (that is what a broker restart test needs). ``extra_args`` go to ``nats-server`` as
+    they are (a cluster node's name, cluster port and routes).
     """
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,11 +90,11 @@ class EmbeddedNats:
         log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
             [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir),
-             "-P", str(self.pid_file)],
+             "-P", str(self.pid_file), *self.extra_args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us, and we stop it after the services
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         log_file.close()
         _wait_for_port(self.port, self.process, timeout)

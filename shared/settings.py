@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     # Operator knobs beyond the contract.
     stream_name: str = "TRIALWATCH"
     subject_prefix: str = "trialwatch"
+    stream_replicas: int = 1
     public_base_url: str | None = None
     relay_interval_s: float = 0.2
     max_deliver: int = 5

@@ -19,7 +19,7 @@ from services.notify.digests import DigestService
 from services.notify.mailer import Mailer, SmtpMailer
 from services.notify.sender import DeliverySender
 from shared.background import Background
-from shared.bus import BusNames, ensure_stream
+from shared.bus import BusNames, ensure_stream, nats_broker
 from shared.consuming import Subscription, process_once
 from shared.events import (
     ALERT_RAISED,
@@ -54,8 +54,9 @@ class NotifyService:
     ) -> None:
         self.names = BusNames(settings.stream_name, settings.subject_prefix)
         self.nats_url = nats_url
+        self.replicas = settings.stream_replicas
         self.engine = engine or make_engine(settings.resolved_database_url)
-        self.broker = broker or NatsBroker(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=1)
+        self.broker = broker or nats_broker(nats_url)
         self.protocol = protocol or load_protocol(settings.protocol)
         self.mailer = mailer or SmtpMailer.from_url(smtp_url)
         self.clock = clock
@@ -93,7 +94,7 @@ class NotifyService:
             log.exception("scheduled DSMB summary failed; the next check retries it")
 
     async def before_start(self) -> None:
-        await ensure_stream(self.nats_url, self.names)
+        await ensure_stream(self.nats_url, self.names, replicas=self.replicas)
 
     async def after_start(self) -> None:
         self.background.start(self.sender.run(self.background.stop))

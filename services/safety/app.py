@@ -14,7 +14,7 @@ from services.safety.consumer import DURABLE, build_router
 from services.safety.follower import RULES_LEASE, Lease, TrialFollower, bump_rule_inputs
 from services.safety.handlers import SafetyMonitor, is_outage
 from shared.background import Background
-from shared.bus import BusNames, OutboxRelay, ensure_stream
+from shared.bus import BusNames, OutboxRelay, ensure_stream, nats_broker
 from shared.consuming import BatchSubscription
 from shared.events import StoredEvent
 from shared.protocol import Protocol, load_protocol
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def make_broker(url: str) -> NatsBroker:
-    return NatsBroker(url, max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5)
+    """The safety service's broker: every server ``url`` names (a cluster's too)."""
+    return nats_broker(url)
 
 
 class SafetyService:
@@ -44,7 +45,7 @@ class SafetyService:
         clock: Callable[[], datetime] = now_utc,
     ) -> None:
         self.names = BusNames(settings.stream_name, settings.subject_prefix)
-        self.nats_url = nats_url
+        self.nats_url, self.replicas = nats_url, settings.stream_replicas
         self.engine = engine or make_engine(settings.resolved_database_url)
         self.broker = broker or make_broker(nats_url)
         self.protocol = protocol or load_protocol(settings.protocol)
@@ -79,7 +80,7 @@ class SafetyService:
         return count
 
     async def before_start(self) -> None:
-        await ensure_stream(self.nats_url, self.names)
+        await ensure_stream(self.nats_url, self.names, replicas=self.replicas)
 
     async def after_start(self) -> None:
         self.background.start(self.relay.run(self.background.stop))

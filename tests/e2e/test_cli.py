@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -58,6 +58,9 @@ def test_up_runs_the_whole_system_and_an_urgent_event_lands_as_an_eml(
 ) -> None:
     base = f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}"
 
+    # /readyz answered (the fixture waited for it); each service runs in a child process of `up`.
+    assert sorted(_services_of(running_up.pid)) == ["ingest", "notify", "safety"]
+
     # An operator creates a token for a site nurse: printed alone on the last line.
     created = run(cli_env, "token", "create", "--user", "nurse", "--role", "site_staff", "--site", "S01")
     assert created.returncode == 0, created.stderr
@@ -81,11 +84,46 @@ def test_up_runs_the_whole_system_and_an_urgent_event_lands_as_an_eml(
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet has stopped: it counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _children_of(pid: int) -> dict[int, list[str]]:
+    """The running processes whose parent is ``pid``, with their command lines (from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if int(parent) == pid and state not in ("Z", "X"):
+            found[int(entry.name)] = command
+    return found
+
+
+def _services_of(pid: int) -> dict[str, int]:
+    """``up``'s service children by name (``python -m services <name> ...``)."""
+    services = {}
+    for child, command in _children_of(pid).items():
+        if "services" in command[1:-1]:
+            services[command[command.index("services") + 1]] = child
+    return services
+
+
+def _wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.1)
 
 
 def _nats_pid(cli_env: dict[str, str]) -> int:
@@ -98,16 +136,15 @@ def test_up_stops_all_of_it_on_ctrl_c_and_on_sigterm(
 ) -> None:
     nats = _nats_pid(cli_env)
     assert _alive(nats)
+    started = _children_of(running_up.pid)
+    assert nats in started and len(started) == 4  # the broker and the three services
 
     # Ctrl-C, or SIGTERM as docker stop, systemd and Popen.terminate send it.
     running_up.send_signal(stop)
-    assert running_up.wait(timeout=30) in (0, 130)
+    assert running_up.wait(timeout=60) in (0, 130)
 
-    # Nothing is left behind: not the embedded broker, not the HTTP port.
-    deadline = time.monotonic() + 10
-    while _alive(nats) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(nats)
+    # Nothing is left behind: not a service, not the embedded broker, not the HTTP port.
+    _wait_until(lambda: not any(_alive(pid) for pid in started), 10, "every child of up stopped")
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}/healthz", timeout=1)
 
@@ -135,6 +172,42 @@ def test_up_starts_its_broker_again_when_it_dies_and_nothing_recorded_meanwhile_
     assert _mails_about(mail_dir, subject)
     assert _nats_pid(cli_env) != first and _alive(_nats_pid(cli_env))
     _wait_ready(base)
+
+
+@pytest.mark.parametrize("service", ["ingest", "safety", "notify"])
+def test_up_starts_a_service_child_again_when_it_dies_and_the_urgent_mail_still_goes_out(
+    cli_env: dict[str, str], running_up: subprocess.Popen[str], service: str
+) -> None:
+    base = f"http://127.0.0.1:{cli_env['TRIALWATCH_HTTP_PORT']}"
+    token = run(cli_env, "token", "create", "--user", "nurse", "--role", "site_staff", "--site", "S01")
+    headers = {"Authorization": f"Bearer {token.stdout.strip().splitlines()[-1]}"}
+    subject = subject_id()
+    assert httpx.post(f"{base}/v1/patients", json=enrolment(subject), headers=headers).status_code == 201
+
+    # One service child is killed outright.
+    first = _services_of(running_up.pid)[service]
+    os.kill(first, signal.SIGKILL)
+
+    # `up` starts it again; a grade 3 CRS recorded now reaches the investigators.
+    _wait_until(lambda: _services_of(running_up.pid).get(service, first) != first, 30, f"{service} started again")
+    _wait_ready(base, running_up)
+    assert httpx.post(f"{base}/v1/patients/{subject}/events", json=crs(at(2), 3),
+                      headers=headers).status_code == 201
+    mail_dir = Path(cli_env["TRIALWATCH_DATA_DIR"]) / "mail"
+    _wait_until(lambda: _mails_about(mail_dir, subject), 60, "the urgent mail")
+    [mail] = _mails_about(mail_dir, subject)
+    assert "URGENT" in str(mail["Subject"])
+    assert sorted(_services_of(running_up.pid)) == ["ingest", "notify", "safety"]
+
+
+def test_a_kill_9_of_up_leaves_no_orphan(cli_env: dict[str, str], running_up: subprocess.Popen[str]) -> None:
+    children = _children_of(running_up.pid)
+    assert len(children) == 4 and _nats_pid(cli_env) in children
+
+    # Nothing runs `up`'s `finally`: the children go by the parent-death signal alone.
+    running_up.kill()
+    running_up.wait(timeout=10)
+    _wait_until(lambda: not any(_alive(pid) for pid in children), 30, "every child of up gone")
 
 
 def test_verify_names_the_first_tampered_event_and_replay_rebuilds(cli_env: dict[str, str]) -> None:
