@@ -1,0 +1,228 @@
+"""Event forms generated from the API's own body schemas (``shared.events``).
+
+Each body field becomes one labelled input: Literal enumerations become selects whose option
+values are the body's values, flags a yes/no select, numbers a number input with the schema's
+bounds, times a ``datetime-local`` input read in the trial's zone. A nested model or a dict keyed
+by a Literal (organ scores) becomes one input per key; anything else a JSON text box. The parsed
+form is validated by the same class the API validates with, so both refuse the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from zoneinfo import ZoneInfo
+
+import annotated_types
+from pydantic import AwareDatetime, BaseModel, ValidationError
+
+from services.ingest.web.labels import FIELD_HINTS, field_label, option_words
+
+NOT_GIVEN = ""
+
+
+@dataclass(frozen=True)
+class FormField:
+    name: str  # the body path, dotted for nested fields; also the input's name
+    label: str
+    kind: str  # select | integer | number | text | datetime | date | json
+    required: bool
+    options: tuple[tuple[str, str], ...] = ()  # (body value, words)
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    max_length: int | None = None
+    hint: str = ""
+
+    @property
+    def html_id(self) -> str:
+        return "f-" + self.name.replace(".", "-")
+
+    @property
+    def range_words(self) -> str:
+        """The schema's bounds in words ("30–45", "more than 0")."""
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None and not self.exclusive_minimum:
+            return f"{low:g}–{high:g}"
+        words = [f"more than {low:g}" if self.exclusive_minimum else f"at least {low:g}"] if low is not None else []
+        return ", ".join(words + ([f"at most {high:g}"] if high is not None else []))
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """The annotation without Annotated and Optional, and whether None was allowed."""
+    optional = False
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            optional = optional or len(args) < len(get_args(annotation))
+            if len(args) != 1:
+                return annotation, optional
+            annotation = args[0]
+        else:
+            return annotation, optional
+
+
+def _bounds(metadata: list[Any]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for item in metadata:
+        if isinstance(item, annotated_types.Ge):
+            found["minimum"] = float(item.ge)  # type: ignore[arg-type]
+        elif isinstance(item, annotated_types.Gt):
+            found.update(minimum=float(item.gt), exclusive_minimum=True)  # type: ignore[arg-type]
+        elif isinstance(item, annotated_types.Le):
+            found["maximum"] = float(item.le)  # type: ignore[arg-type]
+        elif isinstance(item, annotated_types.MaxLen):
+            found["max_length"] = item.max_length
+    return found
+
+
+def _kind(annotation: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
+    if get_origin(annotation) is Literal:
+        return "select", tuple((str(v), option_words(str(v))) for v in get_args(annotation))
+    if annotation is bool:
+        return "select", (("true", "Yes"), ("false", "No"))
+    if annotation is AwareDatetime:
+        return "datetime", ()
+    if isinstance(annotation, type):
+        if issubclass(annotation, datetime):
+            return "datetime", ()
+        if issubclass(annotation, date):
+            return "date", ()
+        if issubclass(annotation, bool):
+            return "select", (("true", "Yes"), ("false", "No"))
+        if issubclass(annotation, int):
+            return "integer", ()
+        if issubclass(annotation, float):
+            return "number", ()
+        if issubclass(annotation, str | uuid.UUID):
+            return "text", ()
+    return "json", ()
+
+
+def form_fields(model: type[BaseModel], prefix: str = "", skip: frozenset[str] = frozenset({"type"})) -> list[FormField]:
+    """One field per body field, in the schema's order (nested fields flattened with dotted names)."""
+    fields: list[FormField] = []
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        annotation, optional = _unwrap(info.annotation)
+        path, required = prefix + name, info.is_required() and not optional
+        label = field_label(name)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields += [_within(f, label, required) for f in form_fields(annotation, path + ".", frozenset())]
+            continue
+        if get_origin(annotation) is dict:
+            key_type, value_type = (_unwrap(a)[0] for a in get_args(annotation))
+            if get_origin(key_type) is Literal:
+                fields += [_keyed(path, label, str(key), value_type, info.metadata) for key in get_args(key_type)]
+                continue
+        kind, options = _kind(annotation)
+        field = FormField(path, label, kind, required, options, **_bounds(info.metadata))
+        fields.append(_hinted(field, name))
+    return fields
+
+
+def _hinted(field: FormField, name: str) -> FormField:
+    hint = "; ".join(h for h in (FIELD_HINTS.get(name, ""), field.range_words) if h)
+    return FormField(**{**field.__dict__, "hint": hint})
+
+
+def _within(field: FormField, group: str, group_required: bool) -> FormField:
+    return FormField(**{**field.__dict__, "label": f"{group}: {field.label}",
+                        "required": field.required and group_required})
+
+
+def _keyed(path: str, group: str, key: str, value_type: Any, metadata: list[Any]) -> FormField:
+    annotation, _ = _unwrap(value_type)
+    kind, options = _kind(annotation)
+    bounds = _bounds(metadata) or _bounds(list(getattr(value_type, "__metadata__", ())))
+    return _hinted(FormField(f"{path}.{key}", f"{group}: {field_label(key)}", kind, False, options, **bounds), key)
+
+
+# --------------------------------------------------------------------------- form data → body
+
+
+def _value(field: FormField, raw: str, tz: ZoneInfo) -> Any:
+    """The body value of one input; text that does not parse is passed on for pydantic to name."""
+    try:
+        if field.kind == "integer":
+            return int(raw)
+        if field.kind == "number":
+            return float(raw)
+        if field.kind == "datetime":
+            local = datetime.fromisoformat(raw)
+            return (local if local.tzinfo else local.replace(tzinfo=tz)).isoformat()
+        if field.kind == "json":
+            return json.loads(raw)
+    except ValueError:
+        return raw
+    if field.kind == "select" and field.options == (("true", "Yes"), ("false", "No")):
+        return {"true": True, "false": False}.get(raw, raw)
+    return raw
+
+
+def body_from_form(fields: list[FormField], form: Mapping[str, str], tz: ZoneInfo) -> dict[str, Any]:
+    """The JSON body the form stands for; an empty input is a field not given."""
+    body: dict[str, Any] = {}
+    for field in fields:
+        raw = (form.get(field.name) or "").strip()
+        if raw == NOT_GIVEN:
+            continue
+        *parents, leaf = field.name.split(".")
+        target = body
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = _value(field, raw, tz)
+    return body
+
+
+def form_from_data(fields: list[FormField], data: Mapping[str, Any], tz: ZoneInfo) -> dict[str, str]:
+    """The inputs' values for a stored event's data (a correction starts from the event)."""
+    values: dict[str, str] = {}
+    for field in fields:
+        value: Any = data
+        for part in field.name.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if value is None:
+            continue
+        if field.kind == "datetime":
+            values[field.name] = local_input(datetime.fromisoformat(str(value)), tz)
+        elif isinstance(value, bool):
+            values[field.name] = "true" if value else "false"
+        elif field.kind == "json":
+            values[field.name] = json.dumps(value)
+        else:
+            values[field.name] = f"{value:g}" if isinstance(value, float) else str(value)
+    return values
+
+
+def local_input(moment: datetime, tz: ZoneInfo) -> str:
+    """A ``datetime-local`` input's value: the moment in the trial's zone, to the minute."""
+    return moment.astimezone(tz).strftime("%Y-%m-%dT%H:%M")
+
+
+def problems_of(error: ValidationError, prefix: str = "") -> dict[str, list[str]]:
+    """Pydantic's errors by field path ('' for the body as a whole)."""
+    found: dict[str, list[str]] = {}
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"])
+        found.setdefault(prefix + path if path else "", []).append(str(item["msg"]).removeprefix("Value error, "))
+    return found
+
+
+def _bodies() -> dict[str, type[BaseModel]]:
+    from shared.events import ObservationBody
+
+    union = get_args(ObservationBody)[0]
+    return {get_args(cls.model_fields["type"].annotation)[0]: cls for cls in get_args(union)}
+
+
+OBSERVATION_BODIES: dict[str, type[BaseModel]] = _bodies()
