@@ -33,6 +33,7 @@ from shared.events import Correction, Retraction, StoredEvent
 
 router = APIRouter(include_in_schema=False)
 Recorder = Annotated[WebSession, Depends(allowed(auth.RECORD_EVENT))]
+DERIVED = frozenset({"grade", "severity", "scale", "stages"})
 REASON = FormField("reason", "Reason for the correction", "text", True, max_length=2000)
 
 
@@ -52,8 +53,10 @@ def _target(history: list[StoredEvent], corrects: str | None, type_: str) -> dic
     retracted = {str(e.data.get("retracts_event_id")) for e in history if e.type == "retraction"}
     corrections = [e for e in history if e.type == "correction" and str(e.event_id) not in retracted
                    and str(e.data.get("corrects_event_id")) == corrects]
-    latest = corrections[-1].data["replacement"] if corrections else target.data
-    return dict(latest) | {"occurred_at": latest.get("occurred_at", target.occurred_at.isoformat())}
+    latest = dict(corrections[-1].data["replacement"] if corrections else target.data)
+    if latest.get("scale"):  # a derived grade: the form starts from the findings it came from
+        latest = {k: v for k, v in latest.items() if k not in DERIVED}
+    return latest | {"occurred_at": latest.get("occurred_at", target.occurred_at.isoformat())}
 
 
 def _form(request: Request, subject_id: str, type_: str, corrects: str | None, *, values: dict[str, str],

@@ -40,7 +40,7 @@ FIELD_LABELS = {
     "test": "Test",
     "value": "Value",
     "unit": "Unit",
-    "lln": "Lower limit of normal (same unit)",
+    "lln": "Lower limit of normal",
     "mrd": "MRD",
     "response": "Response",
     "timepoint": "Assessment",
@@ -59,11 +59,10 @@ FIELD_LABELS = {
 }
 
 FIELD_HINTS = {
-    "occurred_at": "in the trial's time zone",
     "vasopressors": "count of vasopressors, not counting vasopressin",
     "grade": "leave empty to derive it from the findings",
     "mnc_per_kg": "e.g. 7.5e7",
-    "lln": "optional; else the protocol's",
+    "lln": "in the value's unit; leave empty for the protocol's",
     "subject_id": "1–32 letters, digits or -",
     "enrolled_at": "leave empty for now",
 }
