@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,9 +35,10 @@ def select(page: Any, label: str, option: str) -> None:
     page.get_by_label(label, exact=True).select_option(label=option)
 
 
-def fill_enrolment(page: Any, subject_id: str, *, eligibility: dict[str, str] | None = None, age: str = "34") -> None:
+def fill_enrolment(page: Any, subject_id: str, *, eligibility: dict[str, str] | None = None, age: str = "34",
+                   enrolled: datetime | None = None) -> None:
     page.get_by_label("Subject ID").fill(subject_id)
-    page.get_by_label("Enrolled at").fill(local_input(ago(days=3)))
+    page.get_by_label("Enrolled at").fill(local_input(enrolled or ago(days=3)))
     page.get_by_label("Age (years)").fill(age)
     page.get_by_label("Weight (kg)").fill("61.5")
     select(page, "Cohort", "Hematologic relapse")
@@ -46,11 +48,11 @@ def fill_enrolment(page: Any, subject_id: str, *, eligibility: dict[str, str] | 
         select(page, f"Eligibility: {criterion}", answer)
 
 
-def enrol(page: Any, subject_id: str) -> None:
+def enrol(page: Any, subject_id: str, enrolled: datetime | None = None) -> None:
     page.goto("/patients")
-    fill_enrolment(page, subject_id)
+    fill_enrolment(page, subject_id, enrolled=enrolled)
     page.get_by_role("button", name="Enrol").click()
-    page.wait_for_url(f"**/patients/{subject_id}?saved=enrolment")
+    page.wait_for_url(re.compile(rf"/patients/{subject_id}\?saved=enrolment"))
 
 
 def fill_crs(page: Any, *, temperature: str, when: datetime) -> None:
@@ -72,3 +74,20 @@ def unlabelled_inputs(page: Any) -> list[str]:
 def overflows_sideways(page: Any) -> bool:
     """Whether the page scrolls sideways (unreadable on a phone or at 200% zoom)."""
     return bool(page.evaluate("() => document.documentElement.scrollWidth > window.innerWidth + 1"))
+
+
+def record_dose(page: Any, subject_id: str, when: datetime) -> None:
+    page.goto(f"/patients/{subject_id}/events/new?type=blinatumomab_dose")
+    page.get_by_label("Occurred at").fill(local_input(when))
+    page.get_by_label("Course", exact=True).fill("1")
+    page.get_by_label("Day of course").fill("1")
+    page.get_by_label("Dose (µg)").fill("9")
+    page.get_by_role("button", name="Save").click()
+    page.wait_for_url(f"**/patients/{subject_id}?saved=blinatumomab_dose")
+
+
+def record_crs(page: Any, subject_id: str, *, temperature: str, when: datetime) -> None:
+    page.goto(f"/patients/{subject_id}/events/new?type=crs")
+    fill_crs(page, temperature=temperature, when=when)
+    page.get_by_role("button", name="Save").click()
+    page.wait_for_url(f"**/patients/{subject_id}?saved=crs")

@@ -23,6 +23,8 @@ from tests.browser.pages import (
     local_input,
     new_subject,
     overflows_sideways,
+    record_crs,
+    record_dose,
     sign_in,
     unlabelled_inputs,
 )
@@ -228,17 +230,25 @@ def test_investigator_filters_and_acknowledges_alerts(new_page: Any, ingest: Ing
 
 
 def test_dsmb_sees_the_stopping_rules_and_no_patient(new_page: Any, ingest: IngestThread) -> None:
+    # Two patients become evaluable for the CRS rule: one with grade 3 CRS in the 2-week window,
+    # one whose window closed without it.
     staff = new_page()
     sign_in(staff, ingest.token("site_staff", "S01", user="nurse-dsmb"))
-    subject_id = new_subject()
+    subject_id, quiet = new_subject(), new_subject()
     enrol(staff, subject_id)
+    record_dose(staff, subject_id, ago(days=2))
+    record_crs(staff, subject_id, temperature="39.5", when=ago(days=1))
+    enrol(staff, quiet, enrolled=ago(days=30))
+    record_dose(staff, quiet, ago(days=25))
 
     page = new_page()
     sign_in(page, ingest.token("dsmb", user="dsmb-chair"))
     page.wait_for_url("**/stopping-rules")
     rules = page.locator("section.rule")
     assert rules.count() == 3
-    assert rules.first.locator("svg.chart polyline").count() >= 1
+    crs = rules.filter(has_text="CRS")
+    assert crs.locator("svg.chart polyline").count() == 2  # the boundary and the events path
+    assert re.search(r"\b1 event in [2-9]\d* evaluable", crs.inner_text())
     assert rules.first.get_by_role("table").is_visible()
     assert page.get_by_role("link", name="Patients").count() == 0
     shot(page, "12-stopping-rules")

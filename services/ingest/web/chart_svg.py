@@ -55,7 +55,10 @@ def boundary_svg(boundary: Sequence[dict[str, int | None]], path: Sequence[int],
         parts.append(f'<polygon points="{_points(region)}" fill="#c0392b" fill-opacity="0.12"/>')
         parts.append(f'<polyline points="{_points(steps)}" fill="none" stroke="#c0392b" stroke-width="2.5"/>')
     if path:
-        trail = [(s.x(0), s.y(0))] + [(s.x(n), s.y(e)) for n, e in enumerate(path, start=1)]
+        trail, before = [(s.x(0), s.y(0))], 0
+        for n, events in enumerate(path, start=1):  # a count: flat, then up at the patient who had the event
+            trail += [(s.x(n), s.y(before)), (s.x(n), s.y(events))]
+            before = events
         colour = "#c0392b" if crossed else "#1f5fa8"
         parts.append(f'<polyline points="{_points(trail)}" fill="none" stroke="{colour}" stroke-width="2.5" '
                      'stroke-dasharray="6 3"/>')

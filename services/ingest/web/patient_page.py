@@ -21,6 +21,7 @@ from shared.events import StoredEvent
 router = APIRouter(include_in_schema=False)
 Reader = Annotated[WebSession, Depends(allowed(auth.READ_PATIENTS))]
 WINDOW_NAMES = {"day14": "2-week window", "day100": "100-day window"}
+OPENS_WITH = {"day14": "Opens with the first blinatumomab dose", "day100": "Opens with the DLI"}
 
 
 async def visible_history(conn: AsyncConnection, subject_id: str, session: WebSession) -> list[StoredEvent]:
@@ -39,7 +40,7 @@ def window_rows(windows: dict[str, Any], today: date) -> list[dict[str, Any]]:
         if w["start"] and w["end"] and date.fromisoformat(w["start"]) <= today <= date.fromisoformat(w["end"]):
             day = (today - date.fromisoformat(w["start"])).days + 1
         due = (f"{name.replace('day', 'Day ')} assessment due by {w['due']}" if w["due"] else
-               "Opens with its anchor (first dose / DLI)")
+               OPENS_WITH.get(name, "Not open yet"))
         if w["status"] == "completed":
             due = f"{name.replace('day', 'Day ')} assessment done"
         elif w["status"] == "not_required":

@@ -79,6 +79,17 @@ async def acknowledge(request: Request, session: Acknowledger, alert_id: uuid.UU
     return see_other(back + ("&" if "?" in back else "?") + f"acknowledged={alert_id}#alert-{alert_id}")
 
 
+def boundary_ranges(boundary: list[dict[str, int | None]]) -> list[dict[str, int | None]]:
+    """Consecutive looks with the same stopping count as one row: {"first", "last", "stop_at"}."""
+    ranges: list[dict[str, int | None]] = []
+    for look in boundary:
+        if ranges and ranges[-1]["stop_at"] == look["stop_at"]:
+            ranges[-1]["last"] = look["n"]
+        else:
+            ranges.append({"first": look["n"], "last": look["n"], "stop_at": look["stop_at"]})
+    return ranges
+
+
 @router.get("/stopping-rules", response_class=HTMLResponse)
 async def stopping_rules(request: Request, session: RuleReader) -> Response:
     protocol = request.app.state.protocol
@@ -90,5 +101,7 @@ async def stopping_rules(request: Request, session: RuleReader) -> Response:
         chart = boundary_svg(public["boundary"], status.path, crossed=status.crossed,
                              title=f"{status.rule.title}: {status.events} events in {status.evaluable} "
                                    f"evaluable patients against the stopping boundary")
-        rules.append(public | {"chart": Markup(chart), "path": list(status.path)})  # noqa: S704 (our own SVG)
+        rules.append(public | {"chart": Markup(chart), "ranges": boundary_ranges(public["boundary"]),  # our own SVG
+                               "params_words": ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in public["params"].items())})
     return render(request, "stopping_rules.html.j2", rules=rules)
