@@ -13,13 +13,14 @@ import json
 import types
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo
 
 import annotated_types
 from pydantic import AwareDatetime, BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from services.ingest.web.labels import FIELD_HINTS, field_label, option_words
 
@@ -32,7 +33,8 @@ class FormField:
     label: str
     kind: str  # select | integer | number | text | datetime | date | json
     required: bool
-    options: tuple[tuple[str, str], ...] = ()  # (body value, words)
+    options: tuple[tuple[str, str], ...] = ()  # (the body's value as text, words)
+    choices: tuple[Any, ...] = ()  # the body's values themselves, beside ``options``
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
@@ -70,6 +72,19 @@ def _unwrap(annotation: Any) -> tuple[Any, bool]:
             return annotation, optional
 
 
+def _constraints(annotation: Any) -> list[Any]:
+    """Constraint metadata inside a type (``Annotated[int, Field(ge=0, le=3)]``, also under Optional)."""
+    found: list[Any] = []
+    if get_origin(annotation) is Annotated:
+        for item in get_args(annotation)[1:]:
+            found += item.metadata if isinstance(item, FieldInfo) else [item]
+        return found + _constraints(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            found += _constraints(arg)
+    return found
+
+
 def _bounds(metadata: list[Any]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for item in metadata:
@@ -84,27 +99,22 @@ def _bounds(metadata: list[Any]) -> dict[str, Any]:
     return found
 
 
-def _kind(annotation: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
+YES_NO = {"options": (("true", "Yes"), ("false", "No")), "choices": (True, False)}
+
+
+def _kind(annotation: Any) -> tuple[str, dict[str, Any]]:
+    """The input for a type, and its options (a select's body values and their words)."""
     if get_origin(annotation) is Literal:
-        return "select", tuple((str(v), option_words(str(v))) for v in get_args(annotation))
-    if annotation is bool:
-        return "select", (("true", "Yes"), ("false", "No"))
+        values = get_args(annotation)
+        return "select", {"options": tuple((str(v), option_words(str(v))) for v in values), "choices": values}
     if annotation is AwareDatetime:
-        return "datetime", ()
+        return "datetime", {}
     if isinstance(annotation, type):
-        if issubclass(annotation, datetime):
-            return "datetime", ()
-        if issubclass(annotation, date):
-            return "date", ()
-        if issubclass(annotation, bool):
-            return "select", (("true", "Yes"), ("false", "No"))
-        if issubclass(annotation, int):
-            return "integer", ()
-        if issubclass(annotation, float):
-            return "number", ()
-        if issubclass(annotation, str | uuid.UUID):
-            return "text", ()
-    return "json", ()
+        for base, kind in ((bool, "select"), (datetime, "datetime"), (date, "date"), (int, "integer"),
+                           (float, "number"), (str, "text"), (uuid.UUID, "text")):
+            if issubclass(annotation, base):
+                return kind, YES_NO if base is bool else {}
+    return "json", {}
 
 
 def form_fields(model: type[BaseModel], prefix: str = "", skip: frozenset[str] = frozenset({"type"})) -> list[FormField]:
@@ -120,31 +130,31 @@ def form_fields(model: type[BaseModel], prefix: str = "", skip: frozenset[str] =
             fields += [_within(f, label, required) for f in form_fields(annotation, path + ".", frozenset())]
             continue
         if get_origin(annotation) is dict:
-            key_type, value_type = (_unwrap(a)[0] for a in get_args(annotation))
-            if get_origin(key_type) is Literal:
-                fields += [_keyed(path, label, str(key), value_type, info.metadata) for key in get_args(key_type)]
+            key_type, value_type = get_args(annotation)
+            if get_origin(_unwrap(key_type)[0]) is Literal:
+                fields += [_keyed(path, label, str(key), value_type) for key in get_args(_unwrap(key_type)[0])]
                 continue
         kind, options = _kind(annotation)
-        field = FormField(path, label, kind, required, options, **_bounds(info.metadata))
-        fields.append(_hinted(field, name))
+        bounds = _bounds(list(info.metadata) + _constraints(info.annotation))
+        fields.append(_hinted(FormField(path, label, kind, required, **options, **bounds), name))
     return fields
 
 
 def _hinted(field: FormField, name: str) -> FormField:
     hint = "; ".join(h for h in (FIELD_HINTS.get(name, ""), field.range_words) if h)
-    return FormField(**{**field.__dict__, "hint": hint})
+    return replace(field, hint=hint)
 
 
 def _within(field: FormField, group: str, group_required: bool) -> FormField:
-    return FormField(**{**field.__dict__, "label": f"{group}: {field.label}",
-                        "required": field.required and group_required})
+    return replace(field, label=f"{group}: {field.label}", required=field.required and group_required)
 
 
-def _keyed(path: str, group: str, key: str, value_type: Any, metadata: list[Any]) -> FormField:
-    annotation, _ = _unwrap(value_type)
-    kind, options = _kind(annotation)
-    bounds = _bounds(metadata) or _bounds(list(getattr(value_type, "__metadata__", ())))
-    return _hinted(FormField(f"{path}.{key}", f"{group}: {field_label(key)}", kind, False, options, **bounds), key)
+def _keyed(path: str, group: str, key: str, value_type: Any) -> FormField:
+    """One input per key of a dict keyed by a Literal (organ scores: skin, mouth, ...), each optional."""
+    kind, options = _kind(_unwrap(value_type)[0])
+    field = FormField(f"{path}.{key}", f"{group}: {field_label(key)}", kind, False, **options,
+                      **_bounds(_constraints(value_type)))
+    return _hinted(field, key)
 
 
 # --------------------------------------------------------------------------- form data → body
@@ -164,8 +174,8 @@ def _value(field: FormField, raw: str, tz: ZoneInfo) -> Any:
             return json.loads(raw)
     except ValueError:
         return raw
-    if field.kind == "select" and field.options == (("true", "Yes"), ("false", "No")):
-        return {"true": True, "false": False}.get(raw, raw)
+    if field.kind == "select":
+        return next((value for (text, _), value in zip(field.options, field.choices) if text == raw), raw)
     return raw
 
 
