@@ -112,8 +112,10 @@ def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestThread]:
         in_thread(lambda: database.__exit__(None, None, None))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Module-scoped: Playwright's sync API runs an event loop in this thread while it lives, which
+    the rest of the suite (``asyncio.run`` in set-up, pytest-asyncio's loop) must not meet."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"no chromium at {CHROMIUM}: install Debian's chromium package (.ci/run does)")
     from playwright.sync_api import sync_playwright

@@ -215,7 +215,8 @@ def test_investigator_filters_and_acknowledges_alerts(new_page: Any, ingest: Ing
     item.get_by_label("Note (optional)").fill("called the ward; tocilizumab given")
     item.get_by_role("button", name="Acknowledge").click()
     investigator.wait_for_url(re.compile(r".*acknowledged=.*"))
-    assert "Acknowledged by pi" in investigator.locator(f"#alert-{alert_id}").inner_text()
+    acknowledged = investigator.locator(f"#alert-{alert_id}").inner_text()
+    assert "Acknowledged by pi" in acknowledged and "Note: called the ward; tocilizumab given" in acknowledged
     assert "severity=urgent" in investigator.url
     shot(investigator, "11-alert-acknowledged")
 
@@ -223,6 +224,7 @@ def test_investigator_filters_and_acknowledges_alerts(new_page: Any, ingest: Ing
                                       headers={"Authorization": f"Bearer {staff}"})
     [alert] = answer.json()["alerts"]
     assert alert["acknowledged_by"] == "pi"
+    assert alert["acknowledgement_note"] == "called the ward; tocilizumab given"
 
     # The alert mail's link lands on the patient's page (after signing in).
     investigator.goto(f"/patients/{subject_id}")
