@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 640, 320, 48, 16, 16, 40
+WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 520, 330, 52, 16, 14, 48  # font 16: ~10 px on a phone
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,18 @@ def boundary_svg(boundary: Sequence[dict[str, int | None]], path: Sequence[int],
     y_max = max([s for _, s in looks if s is not None] + list(path) + [1])
     s = Scale(n_max, y_max)
     parts = [f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-labelledby="t-{id(s)}" class="chart" '
-             f'xmlns="http://www.w3.org/2000/svg" font-size="13" font-family="sans-serif">',
+             f'xmlns="http://www.w3.org/2000/svg" font-size="16" font-family="sans-serif">',
              f'<title id="t-{id(s)}">{_escape(title)}</title>',
              f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
              'fill="#fff" stroke="#888"/>']
     for n in _ticks(n_max):
-        parts.append(f'<text x="{s.x(n):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{n}</text>')
+        parts.append(f'<text x="{s.x(n):.1f}" y="{HEIGHT - BOTTOM + 19}" text-anchor="middle">{n}</text>')
     for e in _ticks(y_max):
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{s.y(e):.1f}" y2="{s.y(e):.1f}" stroke="#e3e3e3"/>'
-                     f'<text x="{LEFT - 6}" y="{s.y(e) + 4:.1f}" text-anchor="end">{e}</text>')
+                     f'<text x="{LEFT - 6}" y="{s.y(e) + 5:.1f}" text-anchor="end">{e}</text>')
     parts.append(f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 6}" text-anchor="middle">patients evaluated</text>')
-    parts.append(f'<text x="14" y="{(TOP + HEIGHT - BOTTOM) / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {(TOP + HEIGHT - BOTTOM) / 2})">events</text>')
+    parts.append(f'<text x="16" y="{(TOP + HEIGHT - BOTTOM) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 16 {(TOP + HEIGHT - BOTTOM) / 2})">events</text>')
     steps = _boundary_steps(looks, s)
     if steps:
         region = steps + [(steps[-1][0], TOP), (steps[0][0], TOP)]

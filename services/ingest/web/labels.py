@@ -62,6 +62,7 @@ FIELD_HINTS = {
     "vasopressors": "count of vasopressors, not counting vasopressin",
     "grade": "leave empty to derive it from the findings",
     "mnc_per_kg": "e.g. 7.5e7",
+    "severity": "chronic GVHD only (NIH)",
     "lln": "in the value's unit; leave empty for the protocol's",
     "subject_id": "1–32 letters, digits or -",
     "enrolled_at": "leave empty for now",

@@ -31,6 +31,12 @@ SECURITY_HEADERS = {
                                "frame-ancestors 'none'; base-uri 'none'",
 }
 
+ACTION_WORDS = {
+    "enrol": "enrol patients", "record_event": "record clinical events", "read_patients": "see patient records",
+    "read_alerts": "see alerts", "acknowledge_alert": "acknowledge alerts",
+    "read_stopping_rules": "see the stopping rules", "request_digest": "request the DSMB summary",
+}
+
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined,
                         trim_blocks=True, lstrip_blocks=True)
 templates.filters.update(event_words=event_words, field_label=field_label, option_words=option_words)
@@ -72,7 +78,7 @@ def allowed(action: str) -> Callable[[Request], Awaitable[WebSession]]:
         session = await signed_in(request)
         if not session.principal.may(action):
             raise PageRefused(403, f"Your role ({session.principal.role.replace('_', ' ')}) may not "
-                                   f"{action.replace('_', ' ')}.")
+                                   f"{ACTION_WORDS.get(action, action.replace('_', ' '))}.")
         return session
 
     return permitted

@@ -63,19 +63,20 @@ def entries(history: list[StoredEvent], chart: Chart, local: Any) -> list[Entry]
     for event in sorted(history, key=lambda e: (e.occurred_at, e.position)):
         eid, data = str(event.event_id), event.data
         status = "retracted" if eid in retracted else "corrected" if eid in corrected else ""
-        grade, note = grade_words(data), ""
+        grade, note, title = grade_words(data), "", event_words(event.type)
         shown = details(data)
         if event.type == "correction":
             replacement = dict(data.get("replacement") or {})
             grade = grade_words(replacement)
             shown = details(replacement) + [("Reason", str(data.get("reason", "")))]
-            note = f"Replaces the {event_words(str(replacement.get('type', '')))} entry {str(data.get('corrects_event_id'))[:8]}"
+            title = f"Correction: {event_words(str(replacement.get('type', '')))}"
+            note = f"Replaces entry {str(data.get('corrects_event_id'))[:8]}"
         elif event.type == "retraction":
             shown = [("Reason", str(data.get("reason", "")))]
             note = f"Takes back entry {str(data.get('retracts_event_id'))[:8]}"
         course_time = chart.clinical_time(event.occurred_at)[0].split(", ", 1)[1:]
         found.append(Entry(
-            event=event, title=event_words(event.type), when=local(event.occurred_at),
+            event=event, title=title, when=local(event.occurred_at),
             course_time=course_time[0] if course_time else "",
             recorded=f"recorded {local(event.recorded_at)} by {event.recorded_by}",
             grade=grade, details=shown, status=status, note=note,
