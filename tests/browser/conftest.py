@@ -131,9 +131,9 @@ def new_page(browser: Any, ingest: IngestThread) -> Iterator[Callable[..., Any]]
     """Pages in fresh browser contexts (no cookies shared), desktop size unless told otherwise."""
     contexts: list[Any] = []
 
-    def make(width: int = 1280, height: int = 900, scale: float = 1) -> Any:
+    def make(width: int = 1280, height: int = 900, scale: float = 1, javascript: bool = True) -> Any:
         context = browser.new_context(base_url=ingest.url, viewport={"width": width, "height": height},
-                                      device_scale_factor=scale)
+                                      device_scale_factor=scale, java_script_enabled=javascript)
         context.set_default_timeout(15_000)
         contexts.append(context)
         return context.new_page()

@@ -59,7 +59,7 @@ def raise_alert(ingest: IngestThread, subject_id: str | None, site: str | None, 
 
 def test_staff_enrol_record_a_crs_and_see_its_grade(new_page: Any, ingest: IngestThread) -> None:
     token = ingest.token("site_staff", "S01", user="nurse-s01")
-    page = new_page()
+    page = new_page(javascript=False)  # entry works without JavaScript
 
     # Signing in lands on the site's patients.
     page.goto("/")
@@ -131,7 +131,7 @@ def test_staff_enrol_record_a_crs_and_see_its_grade(new_page: Any, ingest: Inges
 
 def test_corrections_and_retractions_from_the_timeline(new_page: Any, ingest: IngestThread) -> None:
     token = ingest.token("site_staff", "S01", user="nurse-amend")
-    page = new_page()
+    page = new_page(javascript=False)
     sign_in(page, token)
     subject_id = new_subject()
     enrol(page, subject_id)
@@ -203,7 +203,7 @@ def test_investigator_filters_and_acknowledges_alerts(new_page: Any, ingest: Ing
     item = page.locator(f"#alert-{alert_id}")
     assert item.is_visible() and item.get_by_role("button", name="Acknowledge").count() == 0
 
-    investigator = new_page()
+    investigator = new_page(javascript=False)
     sign_in(investigator, ingest.token("investigator", user="pi"))
     investigator.goto("/alerts")
     investigator.get_by_label("Severity").select_option("urgent")
