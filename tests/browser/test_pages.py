@@ -145,6 +145,9 @@ def test_corrections_and_retractions_from_the_timeline(new_page: Any, ingest: In
     page.get_by_role("link", name=re.compile("Correct this CRS")).click()
     assert page.get_by_label("Max temperature (°C)").input_value() == "39.5"
     page.get_by_label("Vasopressors", exact=True).fill("0")
+    page.get_by_role("button", name="Save").click()  # a correction needs its reason
+    assert page.locator("#f-correction_reason-error").is_visible()
+    assert page.get_by_label("Vasopressors", exact=True).input_value() == "0"
     page.get_by_label("Reason for the correction").fill("vasopressor was never started")
     shot(page, "07-correction-form")
     page.get_by_role("button", name="Save").click()

@@ -34,7 +34,7 @@ from shared.events import Correction, Retraction, StoredEvent
 router = APIRouter(include_in_schema=False)
 Recorder = Annotated[WebSession, Depends(allowed(auth.RECORD_EVENT))]
 DERIVED = frozenset({"grade", "severity", "scale", "stages"})
-REASON = FormField("reason", "Reason for the correction", "text", True, max_length=2000)
+REASON = FormField("correction_reason", "Reason for the correction", "text", True, max_length=2000)
 
 
 def _body_class(type_: str) -> type[BaseModel]:
@@ -89,17 +89,19 @@ async def save_event(request: Request, session: Recorder, subject_id: str, type:
     async with request.app.state.engine.connect() as conn:
         await visible_history(conn, subject_id, session)
     body = body_from_form(form_fields(model), form, protocol.tz) | {"type": type}
+    reason = form.get(REASON.name, "")
     try:
         observed = model.model_validate(body)
         event: BaseModel = observed
         if corrects:
             event = Correction(type="correction", occurred_at=observed.occurred_at,  # type: ignore[attr-defined]
-                               corrects_event_id=_uuid(corrects), reason=form.get("reason", ""), replacement=observed)
-        await _record(request, session, subject_id, event, form.get("form_key", ""), body | {"corrects": corrects})
+                               corrects_event_id=_uuid(corrects), reason=reason, replacement=observed)
+        await _record(request, session, subject_id, event, form.get("form_key", ""),
+                      body | {"corrects": corrects, REASON.name: reason})
     except ValidationError as exc:
-        problems = problems_of(exc)
+        problems = _on_form(problems_of(exc), correction=bool(corrects) and exc.title == Correction.__name__)
     except commands.Refused as exc:
-        problems = {path.removeprefix("replacement."): messages for path, messages in exc.problems.items()}
+        problems = _on_form(exc.problems, correction=bool(corrects))
     else:
         return see_other(f"/patients/{subject_id}?saved={'correction' if corrects else type}")
     return _form(request, subject_id, type, corrects, values=form, problems=problems,
@@ -120,6 +122,19 @@ async def retract(request: Request, session: Recorder, subject_id: str, event_id
         message = "; ".join(f"{path}: {'; '.join(m)}" if path else "; ".join(m) for path, m in problems.items())
         raise PageRefused(422, f"The entry was not retracted: {message}. Go back and give a reason.") from None
     return see_other(f"/patients/{subject_id}?saved=retraction")
+
+
+def _on_form(problems: commands.Problems, *, correction: bool) -> commands.Problems:
+    """Problems by the form's field names: a correction's replacement is the form itself, its own
+    reason the extra field, its target the form as a whole."""
+    if not correction:
+        return problems
+    moved: commands.Problems = {}
+    for path, messages in problems.items():
+        name = (path.removeprefix("replacement.") if path.startswith("replacement.") else
+                REASON.name if path == "reason" else "" if path in ("corrects_event_id", "replacement") else path)
+        moved.setdefault(name, []).extend(messages)
+    return moved
 
 
 def _uuid(value: str) -> uuid.UUID | str:
