@@ -162,8 +162,23 @@ def test_corrections_and_retractions_from_the_timeline(new_page: Any, ingest: In
     page.wait_for_url(f"**/patients/{subject_id}?saved=retraction")
     assert page.locator("li.correction .badge", has_text="retracted").is_visible()
     shot(page, "08-timeline-amended")
+    # The generic amendment pages: choose an entry to correct; retract one from a generated form.
+    page.goto(f"/patients/{subject_id}/events/new?type=correction")
+    assert unlabelled_inputs(page) == []
+    page.get_by_label("Entry to correct").select_option(index=1)
+    page.get_by_role("button", name="Continue").click()
+    assert page.get_by_label("Max temperature (°C)").input_value() == "39.5"
+    page.goto(f"/patients/{subject_id}/events/new?type=retraction")
+    assert unlabelled_inputs(page) == []
+    page.get_by_label("Entry to retract").select_option(index=1)  # the newest live entry: the CRS
+    page.get_by_role("button", name="Save").click()
+    assert page.locator("#f-reason-error").is_visible()  # a retraction needs its reason
+    page.get_by_label("Reason", exact=True).fill("duplicate of a paper record")
+    page.get_by_role("button", name="Save").click()
+    page.wait_for_url(f"**/patients/{subject_id}?saved=retraction")
+    assert page.locator("li.crs .badge", has_text="retracted").is_visible()
     types = [e["type"] for e in stored_events(page, ingest, token, subject_id)]
-    assert types == ["patient_enrolled", "crs", "correction", "retraction"]
+    assert types == ["patient_enrolled", "crs", "correction", "retraction", "retraction"]
 
 
 def test_every_event_form_is_generated_and_labelled(new_page: Any, ingest: IngestThread) -> None:

@@ -13,8 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.ingest import handlers
 from services.ingest.domain.errors import Invalid, OtherSite, PatientExists, UnknownPatient, VersionMismatch
 from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused, body_hash
 from services.ingest.web.sessions import WebSession
@@ -54,3 +56,14 @@ async def run(request: Request, session: WebSession, form_key: str, body: dict[s
     except (VersionMismatch, DuplicateEvent) as exc:
         raise Refused({"": [f"Someone else recorded at the same moment ({exc}); nothing was stored. "
                             "Save again."]}) from exc
+
+
+async def record_event(request: Request, session: WebSession, subject_id: str, body: BaseModel, form_key: str,
+                       raw: dict[str, Any]) -> Answer:
+    """``handlers.record_event``, the use case behind ``POST /v1/patients/{subject_id}/events``."""
+    cmd = handlers.RecordEvent(subject_id, body, recorded_by=session.principal.user,
+                               site_scope=session.principal.site_scope)
+    protocol, moment = request.app.state.protocol, request.app.state.clock()
+    return await run(request, session, form_key, raw,
+                     lambda conn: handlers.record_event(conn, cmd, protocol=protocol, now=moment),
+                     lambda stored: Answer(201, stored.public(), recorded=(stored.type,)))

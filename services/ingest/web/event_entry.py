@@ -14,9 +14,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from services.ingest import auth, handlers
-from services.ingest.idempotency import Answer
-from services.ingest.web import commands
+from services.ingest import auth
+from services.ingest.web import amendments, commands
 from services.ingest.web.forms import (
     OBSERVATION_BODIES,
     FormField,
@@ -33,6 +32,7 @@ from shared.events import Correction, Retraction, StoredEvent
 
 router = APIRouter(include_in_schema=False)
 Recorder = Annotated[WebSession, Depends(allowed(auth.RECORD_EVENT))]
+AMENDMENTS = ("correction", "retraction")
 DERIVED = frozenset({"grade", "severity", "scale", "stages"})
 REASON = FormField("correction_reason", "Reason for the correction", "text", True, max_length=2000)
 
@@ -71,6 +71,8 @@ def _form(request: Request, subject_id: str, type_: str, corrects: str | None, *
 @router.get("/patients/{subject_id}/events/new", response_class=HTMLResponse)
 async def new_event(request: Request, session: Recorder, subject_id: str, type: str = "",
                     corrects: str | None = None) -> Response:
+    if type in AMENDMENTS:
+        return await amendments.new_amendment(request, session, subject_id, type, corrects)
     protocol = request.app.state.protocol
     fields = form_fields(_body_class(type))
     async with request.app.state.engine.connect() as conn:
@@ -83,6 +85,8 @@ async def new_event(request: Request, session: Recorder, subject_id: str, type: 
 
 @router.post("/patients/{subject_id}/events/new", response_class=HTMLResponse)
 async def save_event(request: Request, session: Recorder, subject_id: str, type: str = "") -> Response:
+    if type == "retraction":
+        return await amendments.save_retraction(request, session, subject_id)
     form = await checked_form(request, session)
     model, protocol = _body_class(type), request.app.state.protocol
     corrects = form.get("corrects") or None
@@ -96,7 +100,7 @@ async def save_event(request: Request, session: Recorder, subject_id: str, type:
         if corrects:
             event = Correction(type="correction", occurred_at=observed.occurred_at,  # type: ignore[attr-defined]
                                corrects_event_id=_uuid(corrects), reason=reason, replacement=observed)
-        await _record(request, session, subject_id, event, form.get("form_key", ""),
+        await commands.record_event(request, session, subject_id, event, form.get("form_key", ""),
                       body | {"corrects": corrects, REASON.name: reason})
     except ValidationError as exc:
         problems = _on_form(problems_of(exc), correction=bool(corrects) and exc.title == Correction.__name__)
@@ -116,7 +120,7 @@ async def retract(request: Request, session: Recorder, subject_id: str, event_id
     body = {"type": "retraction", "retracts_event_id": event_id, "reason": form.get("reason", "")}
     try:
         retraction = Retraction.model_validate(body | {"occurred_at": now(request)})
-        await _record(request, session, subject_id, retraction, form.get("form_key", ""), body)
+        await commands.record_event(request, session, subject_id, retraction, form.get("form_key", ""), body)
     except (ValidationError, commands.Refused) as exc:
         problems = problems_of(exc) if isinstance(exc, ValidationError) else exc.problems
         message = "; ".join(f"{path}: {'; '.join(m)}" if path else "; ".join(m) for path, m in problems.items())
@@ -142,13 +146,3 @@ def _uuid(value: str) -> uuid.UUID | str:
         return uuid.UUID(value)
     except ValueError:
         return value
-
-
-async def _record(request: Request, session: WebSession, subject_id: str, body: BaseModel, form_key: str,
-                  raw: dict[str, Any]) -> Answer:
-    cmd = handlers.RecordEvent(subject_id, body, recorded_by=session.principal.user,
-                               site_scope=session.principal.site_scope)
-    protocol, moment = request.app.state.protocol, now(request)
-    return await commands.run(request, session, form_key, raw,
-                              lambda conn: handlers.record_event(conn, cmd, protocol=protocol, now=moment),
-                              lambda stored: Answer(201, stored.public(), recorded=(stored.type,)))

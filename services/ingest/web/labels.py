@@ -56,6 +56,8 @@ FIELD_LABELS = {
     "cns_leukemia": "CNS leukemia",
     "drug_allergy": "Allergy to the study drugs",
     "approved_by": "Approved by",
+    "retracts_event_id": "Entry to retract",
+    "corrects_event_id": "Entry to correct",
 }
 
 FIELD_HINTS = {
