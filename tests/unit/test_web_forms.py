@@ -94,6 +94,13 @@ class FutureGvhd(_Body):
     level: Literal[1, 2, 3] | None = None
 
 
+class LooseGvhd(_Body):
+    """Organ scores typed loosely (names checked elsewhere): the inputs follow the contract's organs."""
+
+    type: Literal["gvhd"]
+    organ_scores: dict[str, Annotated[Integer, Field(ge=0, le=3)]] | None = None
+
+
 def test_fields_added_to_a_body_appear_on_its_form_sensibly() -> None:
     fields = by_name(FutureGvhd)
     skin = fields["organ_scores.skin"]
@@ -114,3 +121,12 @@ def test_a_name_without_a_label_is_put_in_words_with_its_unit() -> None:
     assert humanise("stool_ml_day") == "Stool (mL/day)"
     assert humanise("body_temp_c") == "Body temp (°C)"
     assert humanise("platelet_transfusions") == "Platelet transfusions"
+
+
+def test_organ_scores_typed_loosely_still_get_one_input_per_organ() -> None:
+    fields = by_name(LooseGvhd)
+    assert [n for n in fields if n.startswith("organ_scores.")] == [
+        "organ_scores.skin", "organ_scores.mouth", "organ_scores.eyes", "organ_scores.gi", "organ_scores.liver",
+        "organ_scores.lungs", "organ_scores.joints_fascia", "organ_scores.genital"]
+    body = body_from_form(form_fields(LooseGvhd), {"organ_scores.lungs": "2"}, SHANGHAI)
+    assert body == {"organ_scores": {"lungs": 2}}

@@ -22,7 +22,7 @@ import annotated_types
 from pydantic import AwareDatetime, BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from services.ingest.web.labels import FIELD_HINTS, field_label, option_words
+from services.ingest.web.labels import FIELD_HINTS, KNOWN_KEYS, field_label, option_words
 
 NOT_GIVEN = ""
 
@@ -131,8 +131,9 @@ def form_fields(model: type[BaseModel], prefix: str = "", skip: frozenset[str] =
             continue
         if get_origin(annotation) is dict:
             key_type, value_type = get_args(annotation)
-            if get_origin(_unwrap(key_type)[0]) is Literal:
-                fields += [_keyed(path, label, str(key), value_type) for key in get_args(_unwrap(key_type)[0])]
+            keys = get_args(_unwrap(key_type)[0]) if get_origin(_unwrap(key_type)[0]) is Literal else KNOWN_KEYS.get(name)
+            if keys:
+                fields += [_keyed(path, label, str(key), value_type) for key in keys]
                 continue
         kind, options = _kind(annotation)
         bounds = _bounds(list(info.metadata) + _constraints(info.annotation))

@@ -60,6 +60,11 @@ FIELD_LABELS = {
     "corrects_event_id": "Entry to correct",
 }
 
+# Keys of dict fields whose type does not list them (a ``dict[str, int]``): one input per key.
+KNOWN_KEYS = {
+    "organ_scores": ("skin", "mouth", "eyes", "gi", "liver", "lungs", "joints_fascia", "genital"),
+}
+
 FIELD_HINTS = {
     "vasopressors": "count of vasopressors, not counting vasopressin",
     "grade": "leave empty to derive it from the findings",
