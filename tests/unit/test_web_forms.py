@@ -9,13 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
-from services.ingest.web.forms import (
-    OBSERVATION_BODIES,
-    body_from_form,
-    form_fields,
-    form_from_data,
-    problems_of,
-)
+from services.ingest.web.form_data import body_from_form, form_from_data, problems_of
+from services.ingest.web.forms import OBSERVATION_BODIES, form_fields
 from services.ingest.web.labels import humanise
 from shared.events import OBSERVATION_TYPES, Crs, Enrolment, Flag, Integer, Lab, _Body
 

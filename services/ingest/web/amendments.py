@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from services.ingest.domain.acceptance import retracted_ids
 from services.ingest.web import commands
-from services.ingest.web.forms import FormField, body_from_form, form_fields, local_input, problems_of
+from services.ingest.web.form_data import body_from_form, local_input, problems_of
+from services.ingest.web.forms import FormField, form_fields
 from services.ingest.web.labels import event_words
 from services.ingest.web.pages import PageRefused, checked_form, local, new_form_key, now, render, see_other
 from services.ingest.web.patient_page import visible_history

@@ -16,15 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 from services.ingest import auth
 from services.ingest.web import amendments, commands
-from services.ingest.web.forms import (
-    OBSERVATION_BODIES,
-    FormField,
-    body_from_form,
-    form_fields,
-    form_from_data,
-    local_input,
-    problems_of,
-)
+from services.ingest.web.form_data import body_from_form, form_from_data, local_input, problems_of
+from services.ingest.web.forms import OBSERVATION_BODIES, FormField, form_fields
 from services.ingest.web.pages import PageRefused, allowed, checked_form, new_form_key, now, render, see_other
 from services.ingest.web.patient_page import visible_history
 from services.ingest.web.sessions import WebSession

@@ -9,22 +9,18 @@ form is validated by the same class the API validates with, so both refuse the s
 
 from __future__ import annotations
 
-import json
 import types
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from zoneinfo import ZoneInfo
 
 import annotated_types
-from pydantic import AwareDatetime, BaseModel, ValidationError
+from pydantic import AwareDatetime, BaseModel
 from pydantic.fields import FieldInfo
 
 from services.ingest.web.labels import FIELD_HINTS, KNOWN_KEYS, field_label, option_words
-
-NOT_GIVEN = ""
+from shared.events import ObservationBody
 
 
 @dataclass(frozen=True)
@@ -158,80 +154,8 @@ def _keyed(path: str, group: str, key: str, value_type: Any) -> FormField:
     return _hinted(field, key)
 
 
-# --------------------------------------------------------------------------- form data → body
-
-
-def _value(field: FormField, raw: str, tz: ZoneInfo) -> Any:
-    """The body value of one input; text that does not parse is passed on for pydantic to name."""
-    try:
-        if field.kind == "integer":
-            return int(raw)
-        if field.kind == "number":
-            return float(raw)
-        if field.kind == "datetime":
-            local = datetime.fromisoformat(raw)
-            return (local if local.tzinfo else local.replace(tzinfo=tz)).isoformat()
-        if field.kind == "json":
-            return json.loads(raw)
-    except ValueError:
-        return raw
-    if field.kind == "select":
-        return next((value for (text, _), value in zip(field.options, field.choices) if text == raw), raw)
-    return raw
-
-
-def body_from_form(fields: list[FormField], form: Mapping[str, str], tz: ZoneInfo) -> dict[str, Any]:
-    """The JSON body the form stands for; an empty input is a field not given."""
-    body: dict[str, Any] = {}
-    for field in fields:
-        raw = (form.get(field.name) or "").strip()
-        if raw == NOT_GIVEN:
-            continue
-        *parents, leaf = field.name.split(".")
-        target = body
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = _value(field, raw, tz)
-    return body
-
-
-def form_from_data(fields: list[FormField], data: Mapping[str, Any], tz: ZoneInfo) -> dict[str, str]:
-    """The inputs' values for a stored event's data (a correction starts from the event)."""
-    values: dict[str, str] = {}
-    for field in fields:
-        value: Any = data
-        for part in field.name.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-        if value is None:
-            continue
-        if field.kind == "datetime":
-            values[field.name] = local_input(datetime.fromisoformat(str(value)), tz)
-        elif isinstance(value, bool):
-            values[field.name] = "true" if value else "false"
-        elif field.kind == "json":
-            values[field.name] = json.dumps(value)
-        else:
-            values[field.name] = f"{value:g}" if isinstance(value, float) else str(value)
-    return values
-
-
-def local_input(moment: datetime, tz: ZoneInfo) -> str:
-    """A ``datetime-local`` input's value: the moment in the trial's zone, to the minute."""
-    return moment.astimezone(tz).strftime("%Y-%m-%dT%H:%M")
-
-
-def problems_of(error: ValidationError, prefix: str = "") -> dict[str, list[str]]:
-    """Pydantic's errors by field path ('' for the body as a whole)."""
-    found: dict[str, list[str]] = {}
-    for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"])
-        found.setdefault(prefix + path if path else "", []).append(str(item["msg"]).removeprefix("Value error, "))
-    return found
-
-
 def _bodies() -> dict[str, type[BaseModel]]:
-    from shared.events import ObservationBody
-
+    """Each observation type's body class, read from the API's discriminated union."""
     union = get_args(ObservationBody)[0]
     return {get_args(cls.model_fields["type"].annotation)[0]: cls for cls in get_args(union)}
 

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from services.ingest import auth, handlers, queries
 from services.ingest.idempotency import Answer
 from services.ingest.web import commands
-from services.ingest.web.forms import body_from_form, form_fields, problems_of
+from services.ingest.web.form_data import body_from_form, problems_of
+from services.ingest.web.forms import form_fields
 from services.ingest.web.pages import allowed, checked_form, new_form_key, now, render, see_other
 from services.ingest.web.sessions import WebSession
 from shared.events import Enrolment
