@@ -289,12 +289,12 @@ def test_refusals_other_site_csrf_and_revoked_tokens(new_page: Any, ingest: Inge
     s02 = new_page()
     sign_in(s02, s02_token)
     assert s02.goto(f"/patients/{subject_id}").status == 404
+    shot(s02, "14-other-site-404")
     unknown = s02.goto("/patients/S02-nobody")
     assert unknown.status == 404
     assert s02.goto(f"/patients/{subject_id}/events/new?type=crs").status == 404
     s02.goto("/patients")
     assert s02.get_by_role("link", name=subject_id).count() == 0
-    shot(s02, "14-other-site-404")
 
     # A post without the session's CSRF token (a cross-site form) is refused; nothing stored.
     s01.goto(f"/patients/{subject_id}/events/new?type=follow_up")
