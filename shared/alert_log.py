@@ -36,6 +36,7 @@ class AlertView:
     data: dict[str, Any]
     acknowledged_by: str | None = None
     acknowledged_at: datetime | None = None
+    acknowledgement_note: str | None = None
     withdrawn_reason: str | None = None
     history: tuple[str, ...] = field(default=())
 
@@ -54,6 +55,7 @@ class AlertView:
             "acknowledged": self.acknowledged_by is not None,
             "acknowledged_by": self.acknowledged_by,
             "acknowledged_at": self.acknowledged_at.isoformat() if self.acknowledged_at else None,
+            "acknowledgement_note": self.acknowledgement_note,
             "raised_at": self.raised_at.isoformat(),
             "title": self.data.get("title"),
             "detail": self.data.get("detail"),
@@ -79,6 +81,7 @@ def _apply(view: AlertView | None, event: StoredEvent) -> AlertView | None:
             data=event.data,
             acknowledged_by=view.acknowledged_by if view else None,
             acknowledged_at=view.acknowledged_at if view else None,
+            acknowledgement_note=view.acknowledgement_note if view else None,
             history=(view.history if view else ()) + ("raised",),
         )
     if view is None:
@@ -88,7 +91,7 @@ def _apply(view: AlertView | None, event: StoredEvent) -> AlertView | None:
                        withdrawn_reason=event.data.get("reason"), history=view.history + ("withdrawn",))
     if event.type == ALERT_ACKNOWLEDGED:
         return replace(view, version=event.stream_version, acknowledged_by=event.recorded_by,
-                       acknowledged_at=event.recorded_at, history=view.history + ("acknowledged",))
+                       acknowledged_at=event.recorded_at, acknowledgement_note=event.data.get("note"), history=view.history + ("acknowledged",))
     return view
 
 

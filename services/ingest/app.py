@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.ingest import api, health, problems
+from services.ingest import api, health, problems, web
 from services.ingest.metrics import Metrics
 from services.ingest.unit_of_work import UnitOfWork
 from shared.protocol import Protocol, load_protocol
@@ -63,4 +63,5 @@ def create_app(
     problems.install(app, api.KNOWN_ERRORS)
     app.include_router(health.router)
     app.include_router(api.router)
+    web.install(app)
     return app

@@ -70,7 +70,12 @@ async def create_token(conn: AsyncConnection, *, user: str, role: str, site_id: 
 
 async def principal_for(conn: AsyncConnection, token: str) -> Principal | None:
     """The holder of a token, or None when the token is unknown or revoked."""
-    digest = token_hash(token)
+    return await principal_for_hash(conn, token_hash(token))
+
+
+async def principal_for_hash(conn: AsyncConnection, digest: str) -> Principal | None:
+    """The holder of the token with this hash (a web session keeps only the hash), or None when the
+    token is unknown or revoked: the one check the API and the pages both pass through."""
     row = (await conn.execute(select(api_tokens).where(api_tokens.c.token_hash == digest))).first()
     if row is None or row.revoked_at is not None or row.role not in PERMISSIONS:
         return None

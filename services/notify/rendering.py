@@ -151,8 +151,8 @@ def _view(
         "event_recorded_at": _iso(recorded_at, zone),
         "facts": [(str(k).replace("_", " "), _value(v)) for k, v in facts.items()],
         "boundary": boundary,
-        "link": f"{base}/v1/stopping-rules" if stopping or not subject_id else
-                f"{base}/v1/patients/{quote(str(subject_id), safe='')}",
+        "link": f"{base}/stopping-rules" if stopping or not subject_id else  # the web pages, not the JSON API
+                f"{base}/patients/{quote(str(subject_id), safe='')}",
         "alert_id": str(data.get("alert_id") or ""),
     }
 

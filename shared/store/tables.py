@@ -166,6 +166,18 @@ idempotency_keys = Table(
     Column("created_at", Tz, nullable=False),
 )
 
+# --- ingest: the web pages' sign-in sessions (only hashes: the cookie holds the session id) ---
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("session_hash", String(64), primary_key=True),
+    Column("token_hash", String(64), nullable=False),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", Tz, nullable=False),
+    Column("expires_at", Tz, nullable=False),
+    Column("ended_at", Tz, nullable=True),
+)
+
 # --- safety: per-patient projection, stopping-rule state, scheduled due checks --------------
 patient_projection = Table(
     "patient_projection",

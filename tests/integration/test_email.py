@@ -147,7 +147,7 @@ async def test_each_recipient_gets_the_alert_once(engine: AsyncEngine, capture: 
         assert mail["Subject"] == "[TrialWatch] URGENT stopping rule crossed: CRS grade >= 3"
         assert mail["Message-ID"] == message_id_for(event.event_id, str(mail["To"]))
         assert mail["From"] == "trialwatch@localhost"
-        assert "http://127.0.0.1:8000/v1/stopping-rules" in mail.get_body(("plain",)).get_content()
+        assert "http://127.0.0.1:8000/stopping-rules" in mail.get_body(("plain",)).get_content()
     assert {r.status for r in await rows_of(engine, event)} == {"sent"}
     assert list(capture.folder.glob("*.eml")) and all(
         re.fullmatch(r"\d{8}T\d{12}Z-\d+\.eml", p.name) for p in capture.folder.glob("*.eml")

@@ -91,7 +91,7 @@ def test_withdrawn_stopping_rule_subject() -> None:
     ).model_dump(mode="json")
     mail = render(ALERT_WITHDRAWN, data)
     assert mail.subject == "[TrialWatch] WITHDRAWN stopping rule crossed: Grade >= 3 CRS within the 2-week window"
-    assert f"{API.rstrip('/')}/v1/stopping-rules" in mail.text
+    assert f"{API.rstrip('/')}/stopping-rules" in mail.text
 
 
 def test_a_title_with_line_breaks_cannot_break_the_subject_header() -> None:
@@ -131,15 +131,15 @@ def test_stopping_rule_body_shows_the_boundary_at_this_look() -> None:
 
 def test_link_to_the_patient() -> None:
     mail = render(ALERT_RAISED, raised())
-    link = "https://trialwatch.example.org/v1/patients/S01-004"
+    link = "https://trialwatch.example.org/patients/S01-004"  # the patient's web page
     assert link in mail.text
     assert f'href="{link}"' in mail.html
 
 
 def test_link_to_the_stopping_rules() -> None:
     mail = render(STOPPING_BOUNDARY_CROSSED, stopping())
-    assert "https://trialwatch.example.org/v1/stopping-rules" in mail.text
-    assert "/v1/patients/" not in mail.text
+    assert "https://trialwatch.example.org/stopping-rules" in mail.text
+    assert "/patients/" not in mail.text
 
 
 def test_html_is_escaped_text_is_verbatim() -> None:

@@ -1,0 +1,89 @@
+"""``/patients``: the signed-in site's patients, and enrolment from a form generated from ``Enrolment``."""
+
+# No "from __future__ import annotations": FastAPI reads the routes' annotations at runtime.
+
+from collections import Counter
+from datetime import date
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import ValidationError
+
+from services.ingest import auth, handlers, queries
+from services.ingest.idempotency import Answer
+from services.ingest.web import commands
+from services.ingest.web.form_data import body_from_form, problems_of
+from services.ingest.web.forms import form_fields
+from services.ingest.web.pages import allowed, checked_form, new_form_key, now, render, see_other
+from services.ingest.web.sessions import WebSession
+from shared.events import Enrolment
+from shared.patients import load_patient_states
+
+router = APIRouter(include_in_schema=False)
+Reader = Annotated[WebSession, Depends(allowed(auth.READ_PATIENTS))]
+Enroller = Annotated[WebSession, Depends(allowed(auth.ENROL))]
+ENROLMENT_FIELDS = form_fields(Enrolment)
+
+
+def window_words(window: dict[str, Any], today: date) -> str:
+    """Where today falls in a window ("day 5 of 14"), or its status in words."""
+    status = window["status"].replace("_", " ")
+    if window["start"] and window["end"] and status == "open":
+        start, end = date.fromisoformat(window["start"]), date.fromisoformat(window["end"])
+        if start <= today <= end:
+            return f"day {(today - start).days + 1} of {(end - start).days + 1}"
+    if status in ("awaiting assessment", "overdue") and window["due"]:
+        return f"{status} (due {window['due']})"
+    return status
+
+
+async def _rows(request: Request, session: WebSession) -> list[dict[str, Any]]:
+    scope, moment = session.principal.site_scope, now(request)
+    async with request.app.state.engine.connect() as conn:
+        states = await load_patient_states(conn, request.app.state.protocol, now=moment)
+        alerts = await queries.list_alerts(conn, site_scope=scope, subject_id=None, since=None, status="open")
+    open_alerts = Counter(a.subject_id for a in alerts if a.acknowledged_by is None)
+    today = moment.astimezone(request.app.state.protocol.tz).date()
+    rows = []
+    for state in states:
+        view = state.public()
+        if scope is not None and view["site_id"] != scope:
+            continue
+        rows.append(view | {"open_alerts": open_alerts.get(view["subject_id"], 0),
+                            "window_words": {n: window_words(w, today) for n, w in view["windows"].items()}})
+    return sorted(rows, key=lambda r: r["subject_id"])
+
+
+async def _page(request: Request, session: WebSession, *, values: dict[str, str] | None = None,
+                problems: commands.Problems | None = None, form_key: str | None = None,
+                status: int = 200) -> Response:
+    defaults = {"site_id": session.principal.site_id or "", "arm": "blinatumomab_dli"}
+    return render(request, "patients.html.j2", status=status, patients=await _rows(request, session),
+                  fields=ENROLMENT_FIELDS, values=values or defaults, problems=problems or {},
+                  form_key=form_key or new_form_key(), may_enrol=session.principal.may(auth.ENROL))
+
+
+@router.get("/patients", response_class=HTMLResponse)
+async def patients(request: Request, session: Reader) -> Response:
+    return await _page(request, session)
+
+
+@router.post("/patients", response_class=HTMLResponse)
+async def enrol(request: Request, session: Enroller) -> Response:
+    form = await checked_form(request, session)
+    protocol, moment = request.app.state.protocol, now(request)
+    body = body_from_form(ENROLMENT_FIELDS, form, protocol.tz)
+    try:
+        enrolment = Enrolment.model_validate(body)
+        cmd = handlers.Enrol(enrolment, recorded_by=session.principal.user, site_scope=session.principal.site_scope)
+        await commands.run(request, session, form.get("form_key", ""), body,
+                           lambda conn: handlers.enrol(conn, cmd, protocol=protocol, now=moment),
+                           lambda stored: Answer(201, stored.public(), recorded=(stored.type,)))
+    except ValidationError as exc:
+        return await _page(request, session, values=form, problems=problems_of(exc),
+                           form_key=form.get("form_key"), status=422)
+    except commands.Refused as exc:
+        return await _page(request, session, values=form, problems=exc.problems,
+                           form_key=form.get("form_key"), status=422)
+    return see_other(f"/patients/{enrolment.subject_id}?saved=enrolment")
