@@ -90,8 +90,8 @@ def _accepted(stored: StoredEvent) -> Answer:
 async def enrol(request: Request, who: Enroller, key: Key, body: Enrolment) -> JSONResponse:
     cmd = handlers.Enrol(body, recorded_by=who.user, site_scope=who.site_scope)
     protocol, now = request.app.state.protocol, _now(request)
-    return _answer(await _uow(request).run(
-        lambda conn: handlers.enrol(conn, cmd, protocol=protocol, now=now), _created, key))
+    return _answer(await _uow(request).write(
+        lambda ledger: handlers.enrol(ledger, cmd, protocol=protocol, now=now), _created, key))
 
 
 @router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event")
@@ -100,8 +100,8 @@ async def record_event(request: Request, who: Recorder, key: Key, expected: IfMa
     cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.user, site_scope=who.site_scope,
                                expected_version=expected)
     protocol, now = request.app.state.protocol, _now(request)
-    return _answer(await _uow(request).run(
-        lambda conn: handlers.record_event(conn, cmd, protocol=protocol, now=now), _created, key))
+    return _answer(await _uow(request).write(
+        lambda ledger: handlers.record_event(ledger, cmd, protocol=protocol, now=now), _created, key))
 
 
 @router.get("/patients/{subject_id}", summary="The patient's current state")

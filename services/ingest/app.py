@@ -57,7 +57,8 @@ def create_app(
     app.state.protocol = protocol or load_protocol(settings.protocol)
     app.state.clock = now_utc
     app.state.metrics = metrics
-    app.state.uow = UnitOfWork(engine, lambda: app.state.clock(), on_commit=lambda a: metrics.recorded(a.recorded))
+    app.state.uow = UnitOfWork(engine, lambda: app.state.clock(), on_commit=lambda a: metrics.recorded(a.recorded),
+                               tz=app.state.protocol.tz)
     app.state.readiness_checks = {"store": health.store_check(engine), **(readiness_checks or {})}
     app.middleware("http")(metrics.middleware)
     problems.install(app, api.KNOWN_ERRORS)
