@@ -51,12 +51,17 @@ async def idempotency_key(request: Request, principal: Annotated[Principal, Depe
                           key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> IdempotencyKey | None:
     if key is None:
         return None
+    return key_for(request, principal, key, await request.body())
+
+
+def key_for(request: Request, principal: Principal, key: str, body: bytes) -> IdempotencyKey:
+    """The request's Idempotency-Key, over ``body`` as read (the bulk import reads its own, with a limit)."""
     if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
         raise Problem(422, "Idempotency-Key must be 1-200 printable characters", slug="validation",
                       title="Invalid request", errors=[FieldProblem("Idempotency-Key", "1-200 printable characters")])
     return IdempotencyKey(key=key, token_hash=principal.token_hash,
                           method_path=f"{request.method} {request.url.path}",
-                          body_hash=body_hash(await request.body()))
+                          body_hash=body_hash(body))
 
 
 def if_match(value: Annotated[str | None, Header(alias="If-Match")] = None) -> int | None:
