@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused, KeyTaken, recall, remember, remember_many
@@ -106,15 +106,19 @@ class UnitOfWork:
                 if not isinstance(exc, Exception):
                     raise
 
-    async def _commit(self, jobs: list[_Job]) -> None:
+    async def _commit(self, jobs: list[_Job], *, reconnected: bool = False) -> None:
         try:
             outcomes = await self._transaction(jobs)
         except (_Spoilt, *_STORE_ERRORS) as exc:
+            cause = exc.__cause__ if isinstance(exc, _Spoilt) and exc.__cause__ else exc
+            if isinstance(cause, DBAPIError) and cause.connection_invalidated and not reconnected:
+                # A connection the server had dropped (it restarted): the pool is emptied, try again once.
+                await self._commit(jobs, reconnected=True)
+                return
             if len(jobs) > 1:  # find the one that spoilt it: each alone
                 for job in jobs:
-                    await self._commit([job])
+                    await self._commit([job], reconnected=reconnected)
                 return
-            cause = exc.__cause__ if isinstance(exc, _Spoilt) and exc.__cause__ else exc
             outcomes = {jobs[0]: cause}
         for job, outcome in outcomes.items():  # after the commit: the answer is durable
             if job.done.done():

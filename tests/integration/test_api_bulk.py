@@ -271,3 +271,29 @@ async def test_a_month_old_course_and_its_day14_assessment_raise_and_withdraw_no
     async with engine.connect() as conn:
         alerts = await eventstore.read_types(conn, ALERT_TYPES, subject_id=sid)
     assert [(a.type, a.data.get("kind")) for a in alerts] == []
+
+
+async def test_after_the_database_dropped_every_connection_one_request_at_most_fails(
+        client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine) -> None:
+    """No ping per checkout: the first statement on a dead connection fails (503, Retry-After) and
+    empties the pool; the next request runs on fresh connections."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no server to drop connections")
+    import asyncpg
+
+    sid = await enrol(client, tokens["staff_s01"])
+    url = engine.url
+    outside = await asyncpg.connect(user=url.username, password=url.password, host=url.host, port=url.port,
+                                    database=url.database)
+    try:  # what a server restart does to every pooled connection
+        await outside.execute("select pg_terminate_backend(pid) from pg_stat_activity "
+                              "where datname = current_database() and pid <> pg_backend_pid()")
+    finally:
+        await outside.close()
+
+    body = {"type": "follow_up", "occurred_at": AT}
+    first = await post_event(client, tokens["staff_s01"], sid, body)
+    second = await post_event(client, tokens["staff_s01"], sid, body)
+
+    assert first.status_code in (201, 503), first.text
+    assert second.status_code == 201, second.text
