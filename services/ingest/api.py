@@ -92,7 +92,8 @@ async def enrol(request: Request, who: Enroller, key: Key, body: Enrolment) -> J
     cmd = handlers.Enrol(body, recorded_by=who.user, site_scope=who.site_scope)
     protocol, now = request.app.state.protocol, _now(request)
     return _answer(await _uow(request).write(
-        lambda ledger: handlers.enrol(ledger, cmd, protocol=protocol, now=now), _created, key))
+        lambda ledger: handlers.enrol(ledger, cmd, protocol=protocol, now=now), _created, key,
+        subjects=(body.subject_id,)))
 
 
 @router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event")
@@ -102,7 +103,8 @@ async def record_event(request: Request, who: Recorder, key: Key, expected: IfMa
                                expected_version=expected)
     protocol, now = request.app.state.protocol, _now(request)
     return _answer(await _uow(request).write(
-        lambda ledger: handlers.record_event(ledger, cmd, protocol=protocol, now=now), _created, key))
+        lambda ledger: handlers.record_event(ledger, cmd, protocol=protocol, now=now), _created, key,
+        subjects=(subject_id,)))
 
 
 NDJSON = "application/x-ndjson"

@@ -39,6 +39,7 @@ class _Job:
     work: Callable[[Ledger], Awaitable[Any]]
     present: Callable[[Any], Answer]
     key: IdempotencyKey | None
+    subjects: tuple[str, ...] = ()  # the patients it will look at: read for the whole batch at once
     done: asyncio.Future[Answer] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -60,9 +61,10 @@ class UnitOfWork:
         return await self._retrying(lambda: self._once(work, present, key))
 
     async def write(self, work: Callable[[Ledger], Awaitable[T]], present: Callable[[T], Answer],
-                    key: IdempotencyKey | None = None) -> Answer:
-        """Run ``work`` in the group commit; answers once its transaction is committed."""
-        return await self._retrying(lambda: self._submit(_Job(work, present, key)))
+                    key: IdempotencyKey | None = None, *, subjects: tuple[str, ...] = ()) -> Answer:
+        """Run ``work`` in the group commit; answers once its transaction is committed. ``subjects``:
+        the patients ``work`` reads, fetched for the whole batch in one query."""
+        return await self._retrying(lambda: self._submit(_Job(work, present, key, subjects)))
 
     async def _retrying(self, attempt: Callable[[], Awaitable[Answer]]) -> Answer:
         for _ in range(3):
@@ -134,6 +136,7 @@ class UnitOfWork:
         now = self.clock()
         async with self.engine.begin() as conn:
             ledger = await Ledger.begin(conn, self.tz, now)
+            await ledger.prefetch({s for job in jobs for s in job.subjects})
             for job in jobs:
                 before = ledger.appended
                 try:

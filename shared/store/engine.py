@@ -41,7 +41,7 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     # disconnect error, which makes SQLAlchemy drop the whole pool; the request answers 503 and the
     # group commit runs the batch's writes again on fresh connections.
     kwargs.setdefault("pool_recycle", 1800)
-    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("pool_size", 20)
     kwargs.setdefault("max_overflow", 20)
     return create_async_engine(url, **kwargs)
 
