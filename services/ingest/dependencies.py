@@ -64,7 +64,7 @@ def key_for(request: Request, principal: Principal, key: str, body: bytes) -> Id
                           body_hash=body_hash(body))
 
 
-def if_match(value: Annotated[str | None, Header(alias="If-Match")] = None) -> int | None:
+async def if_match(value: Annotated[str | None, Header(alias="If-Match")] = None) -> int | None:
     """``If-Match: 3`` or an ETag-style ``"3"``: the stream version the caller last saw."""
     if value is None:
         return None
@@ -75,13 +75,13 @@ def if_match(value: Annotated[str | None, Header(alias="If-Match")] = None) -> i
     return int(version)
 
 
-def aware_time(name: str) -> Callable[[str | None], datetime | None]:
+def aware_time(name: str) -> Callable[[str | None], Awaitable[datetime | None]]:
     """A query parameter holding an ISO 8601 time with its offset (a naive time is refused).
 
     A ``+`` left unescaped in a query string arrives as a space; it is read back as ``+``.
     """
 
-    def parse(value: Annotated[str | None, Query(alias=name)] = None) -> datetime | None:
+    async def parse(value: Annotated[str | None, Query(alias=name)] = None) -> datetime | None:
         if value is None:
             return None
         try:
