@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, insert, select, update
+from sqlalchemy import Row, and_, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -186,7 +186,12 @@ class Batch:
         if not self.rows:
             return
         rows, self.rows = self.rows, []
+        unkept, self._unkept = sorted(self._unkept), set()
         try:
+            if self.conn.dialect.name == "postgresql":
+                await self.conn.execute(_PG_FLUSH, _pg_arrays(rows) | {
+                    "unkept": unkept, "head_position": self.position, "head_hash": self.hash})
+                return
             await self.conn.execute(insert(events), rows)
         except IntegrityError as exc:
             raise DuplicateEvent(f"event id or stream version taken: {exc.orig}") from exc
@@ -195,9 +200,37 @@ class Batch:
             for r in rows])
         await self.conn.execute(
             update(chain_head).where(chain_head.c.id == 1).values(position=self.position, hash=self.hash))
-        if self._unkept:
-            await self.conn.execute(delete(patient_heads).where(patient_heads.c.stream_id.in_(sorted(self._unkept))))
-            self._unkept.clear()
+        if unkept:
+            await self.conn.execute(delete(patient_heads).where(patient_heads.c.stream_id.in_(unkept)))
+
+
+# On PostgreSQL a batch is one statement, one round trip: the events from arrays, their outbox
+# rows from what was inserted, stale patient heads dropped, the chain head moved.
+_PG_COLUMNS = {
+    "position": "bigint", "event_id": "varchar", "stream_id": "varchar", "stream_version": "integer",
+    "type": "varchar", "schema_version": "integer", "subject_id": "varchar", "occurred_at": "timestamptz",
+    "occurred_offset_s": "integer", "recorded_at": "timestamptz", "recorded_by": "varchar", "data": "json",
+    "correlation_id": "varchar", "causation_id": "varchar", "prev_hash": "varchar", "hash": "varchar",
+}
+_PG_FLUSH = text(f"""
+WITH new_events AS (
+    INSERT INTO events ({", ".join(_PG_COLUMNS)})
+    SELECT * FROM unnest({", ".join(f"CAST(:{c} AS {t}[])" for c, t in _PG_COLUMNS.items())})
+    RETURNING position, event_id, recorded_at
+), queued AS (
+    INSERT INTO outbox (position, event_id, attempts, created_at)
+    SELECT position, event_id, 0, recorded_at FROM new_events
+), unkept AS (
+    DELETE FROM patient_heads WHERE stream_id = ANY(CAST(:unkept AS varchar[]))
+)
+UPDATE chain_head SET position = :head_position, hash = :head_hash WHERE id = 1
+""")
+
+
+def _pg_arrays(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    arrays: dict[str, list[Any]] = {c: [r[c] for r in rows] for c in _PG_COLUMNS}
+    arrays["data"] = [json.dumps(d) for d in arrays["data"]]
+    return arrays
 
 
 async def append(
