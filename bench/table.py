@@ -291,9 +291,6 @@ class OutboxLag:
 
 async def ingest_rows(ctx: Context) -> list[Row]:
     """Ingest req/s and p99 against the naive endpoint; the outbox lag; then bulk against COPY."""
-    from shared.store.engine import migrate
-
-    await asyncio.to_thread(migrate, ctx.sqlalchemy_url)
     ctx.token = await make_token(ctx.sqlalchemy_url)
     stream = f"TWBENCH{uuid.uuid4().hex[:8].upper()}"
     env = source_env(ctx, TRIALWATCH_DATABASE_URL=ctx.sqlalchemy_url, TRIALWATCH_NATS_URL=ctx.nats_url,
@@ -509,6 +506,110 @@ def eventsourcing_append(ctx: Context, single: int, batches: int) -> tuple[float
     return one, hundred
 
 
+async def concurrent_append_rows(ctx: Context) -> list[Row]:
+    """One event per call from 32 concurrent callers: through the ingest's group commit here, one
+    transaction each for asyncpg and eventsourcing (32 connections, 32 threads)."""
+    n = ctx.sizes.append_single * 3
+    ours = await group_commit_rate(ctx, n)
+    raw = await asyncpg_concurrent_rate(ctx, n)
+    es = await asyncio.to_thread(eventsourcing_concurrent_rate, ctx, n)
+    return [
+        Row("append 1/call, 32 callers", ours, "events/s", "eventsourcing 9.x, 32 threads", es, target=">= 2x",
+            met=None if es is None or ours is None else ours >= 2 * es),
+        Row("append 1/call, 32 callers", ours, "events/s", "raw asyncpg, 32 connections", raw),
+    ]
+
+
+async def group_commit_rate(ctx: Context, n: int) -> float | None:
+    try:
+        from services.ingest.unit_of_work import UnitOfWork
+    except ImportError:
+        return None
+    from services.ingest.idempotency import Answer
+    from shared.events import NewEvent
+    from shared.store.engine import make_engine
+
+    if not hasattr(UnitOfWork, "write"):
+        ctx.notes.append("append 1/call, 32 callers: this code has no group commit")
+        return None
+    engine = make_engine(ctx.sqlalchemy_url)
+    uow = UnitOfWork(engine, lambda: datetime.now(UTC))
+    occurred = datetime.fromisoformat(AT)
+
+    async def caller(k: int) -> None:
+        for i in range(k, n, 32):
+            event = NewEvent(type="lab", subject_id="S01-C", occurred_at=occurred, recorded_by="bench", data=lab())
+            await uow.write(lambda ledger, e=event, s=f"bench-concurrent-{i % 32}": ledger.batch.add(
+                s, [e], recorded_at=ledger.now), lambda stored: Answer(201, {}))
+
+    try:
+        began = time.perf_counter()
+        await asyncio.gather(*(caller(k) for k in range(32)))
+        return n / (time.perf_counter() - began)
+    finally:
+        await engine.dispose()
+
+
+async def asyncpg_concurrent_rate(ctx: Context, n: int) -> float:
+    from bench.naive_app import CREATE, TABLE
+
+    occurred, data = datetime.fromisoformat(AT), json.dumps(lab())
+    statement = f"insert into {TABLE} (subject_id, type, occurred_at, data) values ($1, $2, $3, $4)"
+    pool = await asyncpg.create_pool(ctx.dsn, min_size=32, max_size=32)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(CREATE)
+
+        async def caller(k: int) -> None:
+            for _ in range(k, n, 32):
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute(statement, "S01-C", "lab", occurred, data)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(caller(k) for k in range(32)))
+        return n / (time.perf_counter() - began)
+    finally:
+        await pool.close()
+
+
+def eventsourcing_concurrent_rate(ctx: Context, n: int) -> float | None:
+    try:
+        from eventsourcing.application import Application
+        from eventsourcing.domain import Aggregate, event
+    except ImportError:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy.engine import make_url
+
+    class Patient(Aggregate):
+        @event("LabRecorded")
+        def record_lab(self, value: float) -> None:
+            self.last = value
+
+    url = make_url(ctx.sqlalchemy_url)
+    env = {"PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": url.database or "",
+           "POSTGRES_HOST": url.host or "127.0.0.1", "POSTGRES_PORT": str(url.port or 5432),
+           "POSTGRES_USER": url.username or "postgres", "POSTGRES_PASSWORD": url.password or "",
+           "POSTGRES_POOL_SIZE": "32", "CREATE_TABLE": "y"}
+    app = Application(env=env)
+    try:
+        patients = [Patient() for _ in range(32)]
+        app.save(*patients)
+
+        def caller(k: int) -> None:
+            for _ in range(k, n, 32):
+                patients[k].record_lab(4.0)
+                app.save(patients[k])
+
+        began = time.perf_counter()
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(caller, range(32)))
+        return n / (time.perf_counter() - began)
+    finally:
+        app.close()
+
+
 class _Decoded(BaseModel):
     position: int
     event_id: uuid.UUID
@@ -554,6 +655,7 @@ SECTIONS: list[Section] = [
     ingest_rows,
     sqlite_rows,
     append_rows,
+    concurrent_append_rows,
     replay_rows,
     # safety-pace rows (the lead's): here
 ]
@@ -598,6 +700,9 @@ async def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="tw-bench-") as tmp:
         async with own_database(admin) as dsn:
             ctx = Context(sizes, args.source.resolve(), admin, args.nats_url, Path(tmp), dsn=dsn)
+            from shared.store.engine import migrate
+
+            await asyncio.to_thread(migrate, ctx.sqlalchemy_url)
             rows: list[Row] = []
             for section in SECTIONS:
                 if not args.only or section.__name__ in args.only:
