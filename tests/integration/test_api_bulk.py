@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -172,9 +173,21 @@ async def test_concurrent_writes_share_commits_and_a_bad_one_spoils_none_of_the_
               for k in range(10) for p in patients]
     bad = (patients[0], {"type": "lab", "occurred_at": AT, "test": "platelets", "value": 40, "unit": "g/dL"})
 
-    answers = await asyncio.gather(*(post_event(client, token, p, b) for p, b in [*bodies[:15], bad, *bodies[15:]]))
+    commits = 0
+
+    def committed(conn: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    sa_event.listen(engine.sync_engine, "commit", committed)
+    try:
+        answers = await asyncio.gather(*(post_event(client, token, p, b)
+                                         for p, b in [*bodies[:15], bad, *bodies[15:]]))
+    finally:
+        sa_event.remove(engine.sync_engine, "commit", committed)
 
     assert [a.status_code for a in answers] == [201] * 15 + [422] + [201] * 15
+    assert commits < 30  # writes that arrived together were committed together
     async with engine.connect() as conn:
         for p in patients:
             stream = await eventstore.read_stream(conn, patient_stream(p))
