@@ -178,7 +178,12 @@ class Batch:
             }
             row["hash"] = self.hash = chain_hash(self.hash, row)
             self.rows.append(row)
-            stored.append(to_stored(row))
+            stored.append(StoredEvent.model_construct(  # the values are the checked ones of ``event``
+                position=self.position, event_id=event.event_id, stream_id=stream_id, stream_version=version,
+                type=event.type, schema_version=event.schema_version, subject_id=event.subject_id,
+                occurred_at=row["occurred_at"].astimezone(timezone(timedelta(seconds=row["occurred_offset_s"]))),
+                recorded_at=utc(recorded_at), recorded_by=event.recorded_by, data=event.data,
+                correlation_id=event.correlation_id, causation_id=event.causation_id))
         self.versions[stream_id] = version
         return stored
 
