@@ -79,14 +79,16 @@ async def check_nats(url: str) -> None:
 class OutboxRelay:
     """Publishes outbox rows to JetStream; safe to run in several processes at once.
 
-    Each round reads up to ``batch`` rows, oldest first, and publishes them all with their acks in
-    flight together (one connection, so they go on the wire in position order); the rows whose
-    publish the server acknowledged are deleted with one statement, the others keep their row
-    with one more failed attempt counted, and the first failure is raised.
+    Each round reads up to ``batch`` rows, oldest first, and publishes them ``window`` at a time with
+    the window's acks in flight together (one connection, so they go on the wire in position
+    order); the rows whose publish the server acknowledged are deleted with one statement, the
+    others keep their row with one more failed attempt counted, and the first failure is raised
+    (the round stops at the window it happened in).
     """
 
-    def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 500) -> None:
-        self.engine, self.broker, self.names, self.batch = engine, broker, names, batch
+    def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 500,
+                 window: int = 64) -> None:
+        self.engine, self.broker, self.names, self.batch, self.window = engine, broker, names, batch, window
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
@@ -113,9 +115,15 @@ class OutboxRelay:
                 )
             ).all()
         pending = [to_stored(row) for row in rows]
-        outcomes = await asyncio.gather(*(self._publish(e) for e in pending), return_exceptions=True)
-        acked = [e.position for e, outcome in zip(pending, outcomes) if outcome is None]
-        failed = [(e.position, outcome) for e, outcome in zip(pending, outcomes) if outcome is not None]
+        acked: list[int] = []
+        failed: list[tuple[int, BaseException]] = []
+        for start in range(0, len(pending), self.window):  # a window at a time: requests run between them
+            window = pending[start:start + self.window]
+            outcomes = await asyncio.gather(*(self._publish(e) for e in window), return_exceptions=True)
+            acked += [e.position for e, outcome in zip(window, outcomes) if outcome is None]
+            failed += [(e.position, outcome) for e, outcome in zip(window, outcomes) if outcome is not None]
+            if failed:
+                break
         async with self.engine.begin() as conn:
             if acked:
                 await conn.execute(delete(outbox).where(outbox.c.position.in_(acked)))

@@ -150,7 +150,7 @@ async def test_a_window_of_rows_is_published_together_in_order_and_deleted_once_
     engine: AsyncEngine, bus_url: str  # noqa: F811
 ) -> None:
     async with relay_to(engine, bus_url) as relay:
-        relay.batch = 10
+        relay.batch, relay.window = 10, 4
         stored = [await append_probe(engine) for _ in range(25)]
 
         rounds = [await relay.publish_pending() for _ in range(4)]
