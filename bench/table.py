@@ -197,9 +197,12 @@ async def wrk(base: str, ctx: Context, seconds: float) -> Load:
     out = (await process.communicate())[0].decode()
     requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
-    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
-    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-    return Load(requests, max(1, round(seconds)), p99, errors)
+    refused = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    socket = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    if refused or socket:
+        ctx.notes.append(f"{base}: {refused} answers not 2xx, socket errors: "
+                         + (re.search(r"Socket errors: (.*)", out) or re.search(r"()", out)).group(1))  # type: ignore[union-attr]
+    return Load(requests, max(1, round(seconds)), p99, refused + socket)
 
 
 async def python_load(base: str, ctx: Context, seconds: float) -> Load:
