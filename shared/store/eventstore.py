@@ -210,7 +210,9 @@ class Batch:
 
 
 # On PostgreSQL a batch is one statement, one round trip: the events from arrays, their outbox
-# rows from what was inserted, stale patient heads dropped, the chain head moved.
+# rows from what was inserted, stale patient heads dropped, the chain head moved, and the position
+# sequence kept in step with the numbers given here (so an insert that leaves the position to the
+# database, should any code still do that, gets a fresh one).
 _PG_COLUMNS = {
     "position": "bigint", "event_id": "varchar", "stream_id": "varchar", "stream_version": "integer",
     "type": "varchar", "schema_version": "integer", "subject_id": "varchar", "occurred_at": "timestamptz",
@@ -228,7 +230,9 @@ WITH new_events AS (
 ), unkept AS (
     DELETE FROM patient_heads WHERE stream_id = ANY(CAST(:unkept AS varchar[]))
 )
-UPDATE chain_head SET position = :head_position, hash = :head_hash WHERE id = 1
+UPDATE chain_head SET position = :head_position, hash = :head_hash
+FROM (SELECT setval(pg_get_serial_sequence('events', 'position'), :head_position)) AS in_step
+WHERE id = 1
 """)
 
 
