@@ -173,4 +173,5 @@ class UnitOfWork:
         return await recall(conn, key, now)
 
 
-_STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, ConnectionError, OSError)
+# Not OSError: a use case's OtherSite is a PermissionError, which is one; the store fails with these.
+_STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, ConnectionError)
