@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -149,6 +150,41 @@ def verify() -> None:
         typer.echo(f"BROKEN after {checked} events: {why}", err=True)
         raise typer.Exit(1)
     typer.echo(f"ok: {checked} events, hash chain intact")
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="NDJSON: one enrolment or event a line"),
+    url: str | None = typer.Option(None, "--url", help="the ingest API (default: http://TRIALWATCH_HTTP_HOST:TRIALWATCH_HTTP_PORT)"),
+    token: str | None = typer.Option(None, "--token", envvar="TRIALWATCH_TOKEN", show_envvar=True,
+                                     help="an API token of a role that records events"),
+) -> None:
+    """Send a file through the bulk import; print the accepted count and each rejected line.
+
+    Exit status: 0 every line stored, 1 some lines rejected (the rest stored), 2 the import failed."""
+    from services.ingest.import_cmd import ImportFailed, describe_rejection, import_file
+
+    if not token:
+        typer.echo("error: give a token with --token or TRIALWATCH_TOKEN", err=True)
+        raise typer.Exit(2)
+    settings = Settings()
+    base = url or f"http://{settings.http_host}:{settings.http_port}"
+    lines = sum(1 for line in file.read_bytes().split(b"\n") if line.strip())
+    try:
+        if sys.stdout.isatty():
+            with typer.progressbar(length=lines, label=f"importing {file.name}") as bar:
+                result = import_file(file, url=base, token=token, progress=bar.update)
+        else:
+            result = import_file(file, url=base, token=token)
+    except ImportFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"accepted {result.accepted} of {result.lines} lines")
+    for rejection in result.rejected:
+        typer.echo(describe_rejection(rejection))
+    if result.rejected:
+        typer.echo(f"rejected {len(result.rejected)} lines", err=True)
+        raise typer.Exit(1)
 
 
 @digest_app.command("send")

@@ -2,10 +2,10 @@
 
 - Every stored event is published to ``<prefix>.events.<type>`` on the stream ``<name>``.
 - Publishing happens only here, in the relay, never inside a request: the relay reads *every*
-  unpublished outbox row in position order (not "rows after the last position seen": PostgreSQL
-  hands out positions before commit, so a row can commit after a higher one), publishes it with
+  unpublished outbox row in position order (not "rows after the last position seen": a row can
+  commit after a higher one), publishes a window of them with their acks in flight together, with
   ``Nats-Msg-Id`` = event id (the server drops a re-publish inside its duplicate window), and
-  deletes the row only after the server's ack.
+  deletes the rows only after the server's ack, in one statement per window.
 - JetStream's duplicate window is minutes long; consumers therefore keep their own durable
   "processed" rows (shared/consuming.py) and never rely on the broker for idempotency.
 """
@@ -26,6 +26,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.events import StoredEvent
 from shared.store.eventstore import to_stored
 from shared.store.tables import events, outbox
 
@@ -124,17 +125,34 @@ async def check_nats(url: str) -> None:
 
 
 class OutboxRelay:
-    """Publishes outbox rows to JetStream; safe to run in several processes at once."""
+    """Publishes outbox rows to JetStream; safe to run in several processes at once.
 
-    def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 100) -> None:
-        self.engine, self.broker, self.names, self.batch = engine, broker, names, batch
+    Each round reads up to ``batch`` rows, oldest first, and publishes them ``window`` at a time with
+    the window's acks in flight together (one connection, so they go on the wire in position
+    order); the rows whose publish the server acknowledged are deleted with one statement, the
+    others keep their row with one more failed attempt counted, and the first failure is raised
+    (the round stops at the window it happened in).
+    """
+
+    def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 500,
+                 window: int = 64) -> None:
+        self.engine, self.broker, self.names, self.batch, self.window = engine, broker, names, batch, window
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
         self._wake.set()
 
+    async def _publish(self, event: StoredEvent) -> None:
+        await self.broker.publish(
+            event.to_message(),
+            self.names.subject(event.type),
+            headers={"Nats-Msg-Id": str(event.event_id)},
+            stream=self.names.stream,
+            timeout=5.0,
+        )
+
     async def publish_pending(self) -> int:
-        """Publish what is waiting, oldest first; stop at the first failure (order is kept)."""
+        """Publish what is waiting; returns how many rows were published and deleted."""
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
@@ -144,27 +162,26 @@ class OutboxRelay:
                     .limit(self.batch)
                 )
             ).all()
-        published = 0
-        for row in rows:
-            event = to_stored(row)
-            try:
-                await self.broker.publish(
-                    event.to_message(),
-                    self.names.subject(event.type),
-                    headers={"Nats-Msg-Id": str(event.event_id)},
-                    stream=self.names.stream,
-                    timeout=5.0,
-                )
-            except Exception:
-                async with self.engine.begin() as conn:
-                    await conn.execute(
-                        update(outbox).where(outbox.c.position == event.position).values(attempts=outbox.c.attempts + 1)
-                    )
-                raise
-            async with self.engine.begin() as conn:
-                await conn.execute(delete(outbox).where(outbox.c.position == event.position))
-            published += 1
-        return published
+        pending = [to_stored(row) for row in rows]
+        acked: list[int] = []
+        failed: list[tuple[int, BaseException]] = []
+        for start in range(0, len(pending), self.window):  # a window at a time: requests run between them
+            window = pending[start:start + self.window]
+            outcomes = await asyncio.gather(*(self._publish(e) for e in window), return_exceptions=True)
+            acked += [e.position for e, outcome in zip(window, outcomes) if outcome is None]
+            failed += [(e.position, outcome) for e, outcome in zip(window, outcomes) if outcome is not None]
+            if failed:
+                break
+        async with self.engine.begin() as conn:
+            if acked:
+                await conn.execute(delete(outbox).where(outbox.c.position.in_(acked)))
+            if failed:
+                await conn.execute(update(outbox).where(outbox.c.position.in_([p for p, _ in failed]))
+                                   .values(attempts=outbox.c.attempts + 1))
+        if failed:
+            error = failed[0][1]
+            raise error if isinstance(error, Exception) else RuntimeError(repr(error))
+        return len(acked)
 
     async def run(self, stop: asyncio.Event, *, interval: float = 0.2) -> None:
         backoff = interval

@@ -10,15 +10,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.ingest import auth, handlers, queries
+from services.ingest import auth, bulk, handlers, queries
 from services.ingest.auth import Principal
 from services.ingest.bodies import StrictJsonRoute
-from services.ingest.dependencies import aware_time, idempotency_key, if_match, permit
+from services.ingest.dependencies import aware_time, idempotency_key, if_match, key_for, permit
 from services.ingest.domain.errors import (
+    FieldProblem,
     Invalid,
     OtherSite,
     PatientExists,
@@ -27,7 +28,7 @@ from services.ingest.domain.errors import (
     VersionMismatch,
 )
 from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused
-from services.ingest.problems import Known, documented
+from services.ingest.problems import Known, Problem, documented
 from services.ingest.unit_of_work import UnitOfWork
 from shared.events import SUBJECT_ID_PATTERN, ClinicalEventBody, Enrolment, StoredEvent
 from shared.store.eventstore import DuplicateEvent
@@ -92,8 +93,9 @@ def _accepted(stored: StoredEvent) -> Answer:
 async def enrol(request: Request, who: Enroller, key: Key, body: Enrolment) -> JSONResponse:
     cmd = handlers.Enrol(body, recorded_by=who.user, site_scope=who.site_scope)
     protocol, now = request.app.state.protocol, _now(request)
-    return _answer(await _uow(request).run(
-        lambda conn: handlers.enrol(conn, cmd, protocol=protocol, now=now), _created, key))
+    return _answer(await _uow(request).write(
+        lambda ledger: handlers.enrol(ledger, cmd, protocol=protocol, now=now), _created, key,
+        subjects=(body.subject_id,)))
 
 
 @router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event",
@@ -103,8 +105,52 @@ async def record_event(request: Request, who: Recorder, key: Key, expected: IfMa
     cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.user, site_scope=who.site_scope,
                                expected_version=expected)
     protocol, now = request.app.state.protocol, _now(request)
-    return _answer(await _uow(request).run(
-        lambda conn: handlers.record_event(conn, cmd, protocol=protocol, now=now), _created, key))
+    return _answer(await _uow(request).write(
+        lambda ledger: handlers.record_event(ledger, cmd, protocol=protocol, now=now), _created, key,
+        subjects=(subject_id,)))
+
+
+NDJSON = "application/x-ndjson"
+
+
+async def _limited_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over the bulk import's 64 MiB."""
+    too_large = Problem(413, f"a bulk import takes at most {bulk.MAX_BYTES} bytes (64 MiB) and "
+                             f"{bulk.MAX_LINES} lines; split the file", slug="too-large")
+    if int(request.headers.get("content-length") or 0) > bulk.MAX_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > bulk.MAX_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("/events:bulk", summary="Import many records at once (NDJSON, one result per line)",
+             responses=documented(413, 415, 422),
+             openapi_extra={"requestBody": {"content": {NDJSON: {"schema": {"type": "string"}}}, "required": True}})
+async def bulk_import(request: Request, who: Recorder,
+                      idempotency: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
+    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if media != NDJSON:
+        raise Problem(415, f"send the lines as Content-Type: {NDJSON} (one JSON object a line), not "
+                           f"{media or 'no Content-Type'}", slug="unsupported-media-type",
+                      errors=[FieldProblem("Content-Type", f"must be {NDJSON}")])
+    raw = await _limited_body(request)
+    key = key_for(request, who, idempotency, raw) if idempotency is not None else None
+    try:
+        parsed = bulk.parse(raw, who)
+    except bulk.TooLarge as exc:
+        raise Problem(413, f"{exc}; split the file", slug="too-large") from exc
+    protocol, now = request.app.state.protocol, _now(request)
+
+    def present(done: bulk.Imported) -> Answer:
+        return Answer(200, done.public(), recorded=done.types)
+
+    return _answer(await _uow(request).write(
+        lambda ledger: bulk.import_lines(ledger, parsed, protocol=protocol, now=now), present, key))
 
 
 @router.get("/patients/{subject_id}", summary="The patient's current state", responses=documented(404, 422))

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest import api, health, problems, web
-from services.ingest.metrics import Metrics
+from services.ingest.metrics import Metrics, MetricsMiddleware
 from services.ingest.unit_of_work import UnitOfWork
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
@@ -57,9 +57,10 @@ def create_app(
     app.state.protocol = protocol or load_protocol(settings.protocol)
     app.state.clock = now_utc
     app.state.metrics = metrics
-    app.state.uow = UnitOfWork(engine, lambda: app.state.clock(), on_commit=lambda a: metrics.recorded(a.recorded))
+    app.state.uow = UnitOfWork(engine, lambda: app.state.clock(), on_commit=lambda a: metrics.recorded(a.recorded),
+                               tz=app.state.protocol.tz)
     app.state.readiness_checks = {"store": health.store_check(engine), **(readiness_checks or {})}
-    app.middleware("http")(metrics.middleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     problems.install(app, api.KNOWN_ERRORS)
     app.include_router(health.router)
     app.include_router(api.router)

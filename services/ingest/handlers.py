@@ -1,4 +1,5 @@
-"""The ingest use cases. Each takes the unit of work's connection, its command and plain values.
+"""The ingest use cases. Each takes the unit of work's connection (or, for the patient writes that go
+through the group commit, its ``Ledger``), its command and plain values.
 
 The unit of work (``unit_of_work.py``) opens the transaction and commits it; a handler loads,
 decides once and appends. Errors are the named ones in ``domain/errors.py``.
@@ -22,15 +23,17 @@ from services.ingest.domain.acceptance import (
     not_ahead,
     time_problems,
 )
-from services.ingest.domain.access import check_site, reachable_site
-from services.ingest.domain.death import after_death_problems, describe, recorded_death
+from services.ingest.domain.access import check_site, visible
+from services.ingest.domain.death import RecordedDeath, after_death_problems, describe
 from services.ingest.domain.eligibility import failed_criteria
 from services.ingest.domain.errors import (
     Invalid,
     PatientExists,
     UnknownAlert,
+    UnknownPatient,
     VersionMismatch,
 )
+from services.ingest.ledger import Ledger
 from shared.alert_log import AlertView, fold_alerts
 from shared.clinical.grading import GradeConflict, derive_data
 from shared.events import (
@@ -39,11 +42,12 @@ from shared.events import (
     DIGEST_STREAM,
     PATIENT_ENROLLED,
     AlertAcknowledged,
+    Correction,
     Enrolment,
     NewEvent,
+    Retraction,
     StoredEvent,
     alert_stream,
-    patient_stream,
 )
 from shared.protocol import Protocol
 from shared.store import eventstore
@@ -84,7 +88,7 @@ class Acknowledged:
     event: StoredEvent | None  # None: acknowledged before, nothing appended
 
 
-async def enrol(conn: AsyncConnection, cmd: Enrol, *, protocol: Protocol, now: datetime) -> StoredEvent:
+async def enrol(ledger: Ledger, cmd: Enrol, *, protocol: Protocol, now: datetime) -> StoredEvent:
     """Enrol one patient: the first event of the patient's stream.
 
     - A site's staff enrol at their own site only.
@@ -105,20 +109,16 @@ async def enrol(conn: AsyncConnection, cmd: Enrol, *, protocol: Protocol, now: d
     if problems := not_ahead("enrolled_at", enrolled_at, now) + dates + refused:
         raise Invalid(problems, "the enrolment cannot be recorded: " + ", ".join(p.path for p in problems)
                       + (" (eligibility_override enrols an ineligible patient)" if refused else ""))
+    if await ledger.head(e.subject_id) is not None:
+        raise PatientExists(e.subject_id)
     data = e.model_dump(mode="json") | {"enrolled_at": enrolled_at.isoformat(),
                                         "failed_criteria": [p.path for p in failed]}
     event = NewEvent(type=PATIENT_ENROLLED, subject_id=e.subject_id, occurred_at=enrolled_at,
                      recorded_by=cmd.recorded_by, data=data)
-    try:
-        [stored] = await eventstore.append(conn, patient_stream(e.subject_id), [event], expected_version=0,
-                                           recorded_at=now)
-    except WrongExpectedVersion as exc:
-        raise PatientExists(e.subject_id) from exc
-    return stored
+    return await ledger.enrol(event, site_id=e.site_id, arm=e.arm)
 
 
-async def record_event(conn: AsyncConnection, cmd: RecordEvent, *, protocol: Protocol,
-                       now: datetime) -> StoredEvent:
+async def record_event(ledger: Ledger, cmd: RecordEvent, *, protocol: Protocol, now: datetime) -> StoredEvent:
     """Record one clinical event in the patient's stream.
 
     - The patient must be enrolled, at the caller's site for a site's staff (else 404 alike).
@@ -131,31 +131,24 @@ async def record_event(conn: AsyncConnection, cmd: RecordEvent, *, protocol: Pro
       and retractions still are (``domain/death.py``).
     - With ``If-Match`` the stream must still be at that version (412), else nothing is stored.
 
-    The decision rests on the history read here, so the append expects the version read: should
-    another event slip in first, the stream is read again under the store's lock and decided anew.
+    The ledger is read under the store's lock (the group commit holds it), so what is decided on
+    here is what the event is appended after.
     """
-    stream = patient_stream(cmd.subject_id)
-    for _ in range(3):
-        history = await eventstore.read_stream(conn, stream)
-        event = _decide(cmd, history, protocol=protocol, now=now)
-        try:
-            [stored] = await eventstore.append(conn, stream, [event], expected_version=history[-1].stream_version,
-                                               recorded_at=now)
-        except WrongExpectedVersion as exc:
-            if cmd.expected_version is not None:
-                raise VersionMismatch(cmd.subject_id, cmd.expected_version, exc.actual) from exc
-            continue
-        return stored
-    raise RuntimeError(f"patient {cmd.subject_id} keeps changing; try again")
+    head = await ledger.head(cmd.subject_id)
+    if head is None or not visible(cmd.site_scope, head.site_id):  # another site's: as unknown (no probing)
+        raise UnknownPatient(cmd.subject_id)
+    if cmd.expected_version is not None and cmd.expected_version != head.stream_version:
+        raise VersionMismatch(cmd.subject_id, cmd.expected_version, head.stream_version)
+    amends = isinstance(cmd.body, Correction | Retraction)
+    history = await ledger.history(cmd.subject_id) if amends else []
+    event = _decide(cmd, ledger.death(head), history, protocol=protocol, now=now)
+    return await ledger.append(head, event)
 
 
-def _decide(cmd: RecordEvent, history: list[StoredEvent], *, protocol: Protocol, now: datetime) -> NewEvent:
-    """The event to append after ``history``, or ``Invalid`` naming every problem."""
-    reachable_site(cmd.site_scope, cmd.subject_id, history)
-    expected, actual = cmd.expected_version, history[-1].stream_version
-    if expected is not None and expected != actual:  # checked again under the store's lock
-        raise VersionMismatch(cmd.subject_id, expected, actual)
-    death = recorded_death(history, protocol.tz)
+def _decide(cmd: RecordEvent, death: RecordedDeath | None, history: list[StoredEvent], *, protocol: Protocol,
+            now: datetime) -> NewEvent:
+    """The event to append, or ``Invalid`` naming every problem (``history``: the patient's stream,
+    needed only by a correction or retraction)."""
     after_death = after_death_problems(cmd.body, death, protocol.tz)
     problems = time_problems(cmd.body, now) + amendment_problems(cmd.body, history) + missing_observations(cmd.body)
     data: dict[str, Any] = {}
@@ -164,7 +157,7 @@ def _decide(cmd: RecordEvent, history: list[StoredEvent], *, protocol: Protocol,
     except GradeConflict as exc:
         problems += grade_conflict_problems(cmd.body, exc)
     if problems := after_death + problems:
-        why = f"; {describe(death)}" if after_death and death else ""
+        why = f"; {describe(death, protocol.tz)}" if after_death and death else ""
         raise Invalid(problems, "the event cannot be recorded: " + ", ".join(p.path for p in problems) + why)
     return NewEvent(type=cmd.body.type, subject_id=cmd.subject_id,  # type: ignore[attr-defined]
                     occurred_at=cmd.body.occurred_at,  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -81,6 +82,22 @@ async def recall(conn: AsyncConnection, key: IdempotencyKey, now: datetime) -> A
     if row.method_path != key.method_path or row.body_hash != key.body_hash:
         raise KeyReused(key.key)
     return Answer(row.status_code, row.response, replayed=True)
+
+
+async def remember_many(conn: AsyncConnection, answers: list[tuple[IdempotencyKey, Answer]], now: datetime) -> None:
+    """Keep many keys at once (a group commit); ``KeyTaken`` if any was taken meanwhile (then the
+    whole transaction must be rolled back)."""
+    if not answers:
+        return
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(idempotency_keys).on_conflict_do_nothing().returning(idempotency_keys.c.key)
+    rows = [{"key": k.key, "token_hash": k.token_hash, "method_path": k.method_path, "body_hash": k.body_hash,
+             "status_code": a.status, "response": a.body, "created_at": now} for k, a in answers]
+    stored = 0
+    for row in rows:  # RETURNING with many rows is not an executemany everywhere; keys are few
+        stored += len((await conn.execute(statement, row)).all())
+    if stored != len(rows):
+        raise KeyTaken(", ".join(k.key for k, _ in answers))
 
 
 async def remember(conn: AsyncConnection, key: IdempotencyKey, answer: Answer, now: datetime) -> None:

@@ -1,33 +1,75 @@
-"""The unit of work: one transaction per command, the only place that commits.
+"""The unit of work: the only place that commits.
 
 It also keeps the command's Idempotency-Key in that transaction: looked up first (a replay
 answers from it and runs nothing), written last, beside the events the command appended.
+
+Patient writes (``write``) go through a group commit: one writer task per process takes whatever
+is queued, opens one transaction, takes the chain-head lock once, runs each command in arrival
+order against one ``Ledger`` (so each sees the ones before it), stores all their events with one
+statement per table, commits once, and only then answers each caller. A command that fails its
+checks has added nothing (nothing is written before the flush), so it cannot spoil the others; a
+failure of the transaction itself (a store error, an Idempotency-Key taken by another process)
+rolls the batch back and runs its commands again one transaction each, so only the guilty one fails.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.ingest.idempotency import Answer, IdempotencyKey, KeyTaken, recall, remember
+from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused, KeyTaken, recall, remember, remember_many
+from services.ingest.ledger import Ledger
+from shared.store.eventstore import DuplicateEvent
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+MAX_BATCH = 256
+
+
+@dataclass(eq=False)
+class _Job:
+    work: Callable[[Ledger], Awaitable[Any]]
+    present: Callable[[Any], Answer]
+    key: IdempotencyKey | None
+    subjects: tuple[str, ...] = ()  # the patients it will look at: read for the whole batch at once
+    done: asyncio.Future[Answer] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class _Spoilt(Exception):
+    """The batch's transaction cannot commit as it stands (the cause is chained)."""
 
 
 class UnitOfWork:
     def __init__(self, engine: AsyncEngine, clock: Callable[[], datetime],
-                 on_commit: Callable[[Answer], None] = lambda answer: None) -> None:
+                 on_commit: Callable[[Answer], None] = lambda answer: None, *, tz: ZoneInfo | None = None) -> None:
         self.engine, self.clock, self.on_commit = engine, clock, on_commit
+        self.tz = tz or ZoneInfo("UTC")
+        self._queue: list[_Job] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def run(self, work: Callable[[AsyncConnection], Awaitable[T]], present: Callable[[T], Answer],
                   key: IdempotencyKey | None = None) -> Answer:
-        """Run ``work`` in one transaction and answer ``present(result)``; commit only on success."""
+        """Run ``work`` in a transaction of its own and answer ``present(result)``; commit only on success."""
+        return await self._retrying(lambda: self._once(work, present, key))
+
+    async def write(self, work: Callable[[Ledger], Awaitable[T]], present: Callable[[T], Answer],
+                    key: IdempotencyKey | None = None, *, subjects: tuple[str, ...] = ()) -> Answer:
+        """Run ``work`` in the group commit; answers once its transaction is committed. ``subjects``:
+        the patients ``work`` reads, fetched for the whole batch in one query."""
+        return await self._retrying(lambda: self._submit(_Job(work, present, key, subjects)))
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[Answer]]) -> Answer:
         for _ in range(3):
             try:
-                answer = await self._once(work, present, key)
+                answer = await attempt()
             except KeyTaken:
                 continue  # the racing request committed: the next round replays its answer
             if not answer.replayed:
@@ -44,3 +86,92 @@ class UnitOfWork:
             if key is not None:
                 await remember(conn, key, answer, self.clock())
             return answer
+
+    # --- the group commit -----------------------------------------------------------------
+
+    async def _submit(self, job: _Job) -> Answer:
+        self._queue.append(job)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="group-commit")
+        return await job.done
+
+    async def _drain(self) -> None:
+        """The writer: batches until the queue is empty, then it ends (the next submit starts one)."""
+        while self._queue:
+            jobs, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            try:
+                await self._commit(jobs)
+            except BaseException as exc:  # never leave a caller waiting
+                for job in jobs:
+                    if not job.done.done():
+                        job.done.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+
+    async def _commit(self, jobs: list[_Job], *, reconnected: bool = False) -> None:
+        try:
+            outcomes = await self._transaction(jobs)
+        except (_Spoilt, *_STORE_ERRORS) as exc:
+            cause = exc.__cause__ if isinstance(exc, _Spoilt) and exc.__cause__ else exc
+            if isinstance(cause, DBAPIError) and cause.connection_invalidated and not reconnected:
+                # A connection the server had dropped (it restarted): the pool is emptied, try again once.
+                await self._commit(jobs, reconnected=True)
+                return
+            if len(jobs) > 1:  # find the one that spoilt it: each alone
+                for job in jobs:
+                    await self._commit([job], reconnected=reconnected)
+                return
+            outcomes = {jobs[0]: cause}
+        for job, outcome in outcomes.items():  # after the commit: the answer is durable
+            if job.done.done():
+                continue  # the caller went away
+            if isinstance(outcome, BaseException):
+                job.done.set_exception(outcome)
+            else:
+                job.done.set_result(outcome)
+
+    async def _transaction(self, jobs: list[_Job]) -> dict[_Job, Answer | BaseException]:
+        outcomes: dict[_Job, Answer | BaseException] = {}
+        keys: dict[tuple[str, str], tuple[IdempotencyKey, Answer]] = {}
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            ledger = await Ledger.begin(conn, self.tz, now)
+            await ledger.prefetch({s for job in jobs for s in job.subjects})
+            for job in jobs:
+                before = ledger.appended
+                try:
+                    if job.key is not None and (earlier := await self._recall(conn, job.key, keys, now)):
+                        outcomes[job] = earlier
+                        continue
+                    answer = job.present(await job.work(ledger))
+                except _STORE_ERRORS as exc:
+                    raise _Spoilt() from exc
+                except Exception as exc:
+                    if ledger.appended != before:
+                        raise _Spoilt() from exc
+                    outcomes[job] = exc
+                    continue
+                outcomes[job] = answer
+                if job.key is not None:
+                    keys[(job.key.key, job.key.token_hash)] = (job.key, answer)
+            try:
+                await ledger.flush()
+                await remember_many(conn, list(keys.values()), now)
+            except (KeyTaken, DuplicateEvent, *_STORE_ERRORS) as exc:
+                raise _Spoilt() from exc
+        return outcomes
+
+    @staticmethod
+    async def _recall(conn: AsyncConnection, key: IdempotencyKey,
+                      batch: dict[tuple[str, str], tuple[IdempotencyKey, Answer]], now: datetime) -> Answer | None:
+        """A key answered earlier, or earlier in this very batch (not yet committed)."""
+        if (same := batch.get((key.key, key.token_hash))) is not None:
+            first, answer = same
+            if (first.method_path, first.body_hash) != (key.method_path, key.body_hash):
+                raise KeyReused(key.key)
+            return Answer(answer.status, answer.body, replayed=True)
+        return await recall(conn, key, now)
+
+
+# Not OSError: a use case's OtherSite is a PermissionError, which is one; the store fails with these.
+_STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, ConnectionError)

@@ -36,7 +36,13 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # No ping per checkout (a round trip on every request): connections are recycled after half an
+    # hour, and a connection found dead (the server restarted) fails its statement with a
+    # disconnect error, which makes SQLAlchemy drop the whole pool; the request answers 503 and the
+    # group commit runs the batch's writes again on fresh connections.
+    kwargs.setdefault("pool_recycle", 1800)
+    kwargs.setdefault("pool_size", 20)
+    kwargs.setdefault("max_overflow", 20)
     return create_async_engine(url, **kwargs)
 
 

@@ -1,11 +1,13 @@
 """The append-only event store, on SQLAlchemy Core, the same code for PostgreSQL and SQLite.
 
-Every append, in one transaction:
+Every append, in one transaction (``Batch``: many appends may share one):
 - takes the lock on the hash-chain head (``SELECT … FOR UPDATE``; SQLite serialises writers with
-  ``BEGIN IMMEDIATE``), so appends are totally ordered and the audit chain has no forks;
+  ``BEGIN IMMEDIATE``), once per transaction, so appends are totally ordered, positions follow
+  each other and the audit chain has no forks;
 - checks the stream's expected version (``If-Match``) — the unique (stream_id, stream_version)
   constraint is the last word should two writers race anyway;
-- inserts the events and one outbox row each (the transactional outbox: the relay publishes them).
+- inserts the events and one outbox row each (the transactional outbox: the relay publishes them),
+  all of a batch's in one statement each, and moves the chain head once.
 
 Nothing here updates or deletes an event.
 """
@@ -16,15 +18,17 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Row, and_, func, insert, select, update
+from sqlalchemy import Row, and_, delete, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events import NewEvent, StoredEvent
-from shared.store.tables import chain_head, events, outbox
+from shared.store.tables import chain_head, events, outbox, patient_heads
 
 GENESIS = "0" * 64
 
@@ -113,6 +117,131 @@ async def stream_version(conn: AsyncConnection, stream_id: str) -> int:
     return int(current or 0)
 
 
+class Batch:
+    """Appends under one lock of the chain head, stored together by ``flush``.
+
+    ``Batch.begin`` takes the head's lock (once, however many appends follow); ``add`` numbers and
+    hash-chains events in memory, each at the position after the last (the lock makes them the next
+    ones: every append goes through here); ``flush`` inserts every event and outbox row with one
+    statement each and moves the head once. Nothing reaches the database before ``flush``, so a
+    caller that decides against an event simply does not ``add`` it. After a failed ``flush`` the
+    transaction must be rolled back.
+
+    A stream's version comes from the caller when it keeps one (``known_version``: the ingest's
+    ``patient_heads``), else from ``max(stream_version)`` once per stream and batch. Streams
+    appended without a known version lose their ``patient_heads`` row at ``flush`` (whoever keeps
+    it builds it again from the stream).
+    """
+
+    def __init__(self, conn: AsyncConnection, position: int, prev_hash: str) -> None:
+        self.conn, self.position, self.hash = conn, position, prev_hash
+        self.rows: list[dict[str, Any]] = []
+        self.versions: dict[str, int] = {}
+        self._unkept: set[str] = set()
+
+    @classmethod
+    async def begin(cls, conn: AsyncConnection) -> Batch:
+        return cls(conn, *await _lock_head(conn))
+
+    async def version(self, stream_id: str, known: int | None = None) -> int:
+        if stream_id not in self.versions:
+            self.versions[stream_id] = known if known is not None else await stream_version(self.conn, stream_id)
+        return self.versions[stream_id]
+
+    async def add(self, stream_id: str, new_events: Sequence[NewEvent], *, expected_version: int | None = None,
+                  recorded_at: datetime, known_version: int | None = None) -> list[StoredEvent]:
+        version = await self.version(stream_id, known_version)
+        if expected_version is not None and expected_version != version:
+            raise WrongExpectedVersion(stream_id, expected_version, version)
+        if known_version is None:
+            self._unkept.add(stream_id)
+        stored = []
+        for event in new_events:
+            version += 1
+            self.position += 1
+            row = {
+                "position": self.position,
+                "event_id": str(event.event_id),
+                "stream_id": stream_id,
+                "stream_version": version,
+                "type": event.type,
+                "schema_version": event.schema_version,
+                "subject_id": event.subject_id,
+                "occurred_at": event.occurred_at.astimezone(UTC),
+                "occurred_offset_s": int(event.occurred_at.utcoffset().total_seconds()),  # type: ignore[union-attr]
+                "recorded_at": recorded_at,
+                "recorded_by": event.recorded_by,
+                "data": event.data,
+                "correlation_id": str(event.correlation_id) if event.correlation_id else None,
+                "causation_id": str(event.causation_id) if event.causation_id else None,
+                "prev_hash": self.hash,
+            }
+            row["hash"] = self.hash = chain_hash(self.hash, row)
+            self.rows.append(row)
+            stored.append(StoredEvent.model_construct(  # the values are the checked ones of ``event``
+                position=self.position, event_id=event.event_id, stream_id=stream_id, stream_version=version,
+                type=event.type, schema_version=event.schema_version, subject_id=event.subject_id,
+                occurred_at=row["occurred_at"].astimezone(timezone(timedelta(seconds=row["occurred_offset_s"]))),
+                recorded_at=utc(recorded_at), recorded_by=event.recorded_by, data=event.data,
+                correlation_id=event.correlation_id, causation_id=event.causation_id))
+        self.versions[stream_id] = version
+        return stored
+
+    async def flush(self) -> None:
+        if not self.rows:
+            return
+        rows, self.rows = self.rows, []
+        unkept, self._unkept = sorted(self._unkept), set()
+        try:
+            if self.conn.dialect.name == "postgresql":
+                await self.conn.execute(_PG_FLUSH, _pg_arrays(rows) | {
+                    "unkept": unkept, "head_position": self.position, "head_hash": self.hash})
+                return
+            await self.conn.execute(insert(events), rows)
+        except IntegrityError as exc:
+            raise DuplicateEvent(f"event id or stream version taken: {exc.orig}") from exc
+        await self.conn.execute(insert(outbox), [
+            {"position": r["position"], "event_id": r["event_id"], "attempts": 0, "created_at": r["recorded_at"]}
+            for r in rows])
+        await self.conn.execute(
+            update(chain_head).where(chain_head.c.id == 1).values(position=self.position, hash=self.hash))
+        if unkept:
+            await self.conn.execute(delete(patient_heads).where(patient_heads.c.stream_id.in_(unkept)))
+
+
+# On PostgreSQL a batch is one statement, one round trip: the events from arrays, their outbox
+# rows from what was inserted, stale patient heads dropped, the chain head moved, and the position
+# sequence kept in step with the numbers given here (so an insert that leaves the position to the
+# database, should any code still do that, gets a fresh one).
+_PG_COLUMNS = {
+    "position": "bigint", "event_id": "varchar", "stream_id": "varchar", "stream_version": "integer",
+    "type": "varchar", "schema_version": "integer", "subject_id": "varchar", "occurred_at": "timestamptz",
+    "occurred_offset_s": "integer", "recorded_at": "timestamptz", "recorded_by": "varchar", "data": "json",
+    "correlation_id": "varchar", "causation_id": "varchar", "prev_hash": "varchar", "hash": "varchar",
+}
+_PG_FLUSH = text(f"""
+WITH new_events AS (
+    INSERT INTO events ({", ".join(_PG_COLUMNS)})
+    SELECT * FROM unnest({", ".join(f"CAST(:{c} AS {t}[])" for c, t in _PG_COLUMNS.items())})
+    RETURNING position, event_id, recorded_at
+), queued AS (
+    INSERT INTO outbox (position, event_id, attempts, created_at)
+    SELECT position, event_id, 0, recorded_at FROM new_events
+), unkept AS (
+    DELETE FROM patient_heads WHERE stream_id = ANY(CAST(:unkept AS varchar[]))
+)
+UPDATE chain_head SET position = :head_position, hash = :head_hash
+FROM (SELECT setval(pg_get_serial_sequence('events', 'position'), :head_position)) AS in_step
+WHERE id = 1
+""")
+
+
+def _pg_arrays(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    arrays: dict[str, list[Any]] = {c: [r[c] for r in rows] for c in _PG_COLUMNS}
+    arrays["data"] = [json.dumps(d) for d in arrays["data"]]
+    return arrays
+
+
 async def append(
     conn: AsyncConnection,
     stream_id: str,
@@ -121,50 +250,77 @@ async def append(
     expected_version: int | None = None,
     recorded_at: datetime | None = None,
 ) -> list[StoredEvent]:
-    """Append to a stream inside the caller's transaction.
+    """Append to a stream inside the caller's transaction (a batch of one append).
 
     ``expected_version`` None appends after whatever is there; an int must equal the stream's
     current version (0: the stream must not exist yet) or ``WrongExpectedVersion`` is raised and
     nothing is written.
     """
-    _, prev_hash = await _lock_head(conn)
-    version = await stream_version(conn, stream_id)
-    if expected_version is not None and expected_version != version:
-        raise WrongExpectedVersion(stream_id, expected_version, version)
-    when = recorded_at or now_utc()
-    stored: list[StoredEvent] = []
-    try:
-        for offset, event in enumerate(new_events, start=1):
-            row = {
-                "event_id": str(event.event_id),
-                "stream_id": stream_id,
-                "stream_version": version + offset,
-                "type": event.type,
-                "schema_version": event.schema_version,
-                "subject_id": event.subject_id,
-                "occurred_at": event.occurred_at.astimezone(UTC),
-                "occurred_offset_s": int(event.occurred_at.utcoffset().total_seconds()),  # type: ignore[union-attr]
-                "recorded_at": when,
-                "recorded_by": event.recorded_by,
-                "data": event.data,
-                "correlation_id": str(event.correlation_id) if event.correlation_id else None,
-                "causation_id": str(event.causation_id) if event.causation_id else None,
-            }
-            row["prev_hash"] = prev_hash
-            row["hash"] = prev_hash = chain_hash(prev_hash, row)
-            async with conn.begin_nested():
-                position = (await conn.execute(insert(events).values(**row).returning(events.c.position))).scalar_one()
-                await conn.execute(
-                    insert(outbox).values(position=position, event_id=row["event_id"], attempts=0, created_at=when)
-                )
-            stored.append(to_stored({**row, "position": position}))
-    except IntegrityError as exc:
-        raise DuplicateEvent(f"stream {stream_id}: {exc.orig}") from exc
-    if stored:
-        await conn.execute(
-            update(chain_head).where(chain_head.c.id == 1).values(position=stored[-1].position, hash=prev_hash)
-        )
+    batch = await Batch.begin(conn)
+    stored = await batch.add(stream_id, new_events, expected_version=expected_version,
+                             recorded_at=recorded_at or now_utc())
+    await batch.flush()
     return stored
+
+
+# --- patient heads: what a write needs to know about a patient, kept beside its stream -------
+
+@dataclass
+class PatientHead:
+    stream_id: str
+    subject_id: str
+    site_id: str
+    arm: str
+    stream_version: int
+    death_event_id: str | None = None
+    death_occurred_at: datetime | None = None  # in the offset it was entered in
+
+    def row(self) -> dict[str, Any]:
+        at = self.death_occurred_at
+        return {"stream_id": self.stream_id, "subject_id": self.subject_id, "site_id": self.site_id,
+                "arm": self.arm, "stream_version": self.stream_version, "death_event_id": self.death_event_id,
+                "death_occurred_at": at.astimezone(UTC) if at else None,
+                "death_offset_s": int(at.utcoffset().total_seconds()) if at else None}  # type: ignore[union-attr]
+
+
+def _head(row: Row[Any]) -> PatientHead:
+    m = row._mapping
+    at = m["death_occurred_at"]
+    if at is not None:
+        at = utc(at).astimezone(timezone(timedelta(seconds=m["death_offset_s"] or 0)))
+    return PatientHead(m["stream_id"], m["subject_id"], m["site_id"], m["arm"], m["stream_version"],
+                       m["death_event_id"], at)
+
+
+async def read_patient_heads(conn: AsyncConnection, stream_ids: Iterable[str]) -> dict[str, PatientHead]:
+    wanted = sorted(set(stream_ids))
+    found: dict[str, PatientHead] = {}
+    for start in range(0, len(wanted), 1000):
+        rows = await conn.execute(select(patient_heads).where(patient_heads.c.stream_id.in_(wanted[start:start + 1000])))
+        found.update((r.stream_id, _head(r)) for r in rows)
+    return found
+
+
+async def existing_streams(conn: AsyncConnection, stream_ids: Iterable[str]) -> set[str]:
+    wanted = sorted(set(stream_ids))
+    found: set[str] = set()
+    for start in range(0, len(wanted), 1000):
+        rows = await conn.execute(select(events.c.stream_id).where(
+            events.c.stream_id.in_(wanted[start:start + 1000])).group_by(events.c.stream_id))
+        found.update(rows.scalars())
+    return found
+
+
+async def save_patient_heads(conn: AsyncConnection, heads: Iterable[PatientHead]) -> None:
+    rows = [h.row() for h in heads]
+    if not rows:
+        return
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(patient_heads)
+    statement = statement.on_conflict_do_update(
+        index_elements=["stream_id"],
+        set_={c.name: statement.excluded[c.name] for c in patient_heads.c if c.name != "stream_id"})
+    await conn.execute(statement, rows)
 
 
 async def read_stream(

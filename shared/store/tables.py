@@ -106,6 +106,23 @@ chain_head = Table(
     Column("hash", String(64), nullable=False),
 )
 
+# What a write needs to know about a patient without reading the stream (ingest keeps it, in the
+# same transaction as each append to the patient's stream; any other append to the stream drops
+# the row, and the next write builds it again from the stream).
+patient_heads = Table(
+    "patient_heads",
+    metadata,
+    Column("stream_id", String(100), primary_key=True, autoincrement=False),
+    Column("subject_id", String(32), nullable=False),
+    Column("site_id", String(32), nullable=False),
+    Column("arm", String(32), nullable=False),
+    Column("stream_version", Integer, nullable=False),
+    # The death the corrected history has, if any (CONTRACT: nothing clinical after it).
+    Column("death_event_id", String(36), nullable=True),
+    Column("death_occurred_at", Tz, nullable=True),
+    Column("death_offset_s", Integer, nullable=True),
+)
+
 # --- consumers (safety, notify): durable idempotency and the dead-letter place -------------
 processed_messages = Table(
     "processed_messages",

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.events import NewEvent, patient_stream
@@ -113,3 +113,15 @@ async def test_verify_finds_events_deleted_from_the_end(own_engine: AsyncEngine)
 
     assert (checked, bad) == (2, None)
     assert f"position {stored[-1].position}" in why and "deleted from the end" in why
+
+
+async def test_positions_follow_the_chain_head_and_the_database_sequence_keeps_up(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        first = await eventstore.append(conn, stream(), [new(), new()])
+        second = await eventstore.append(conn, stream(), [new()])
+    assert [e.position for e in first + second] == list(range(first[0].position, first[0].position + 3))
+    if engine.dialect.name == "postgresql":
+        async with engine.connect() as conn:
+            last = await conn.scalar(text("select last_value from " + (await conn.scalar(
+                text("select pg_get_serial_sequence('events', 'position')")))))
+        assert last >= second[-1].position

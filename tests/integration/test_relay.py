@@ -144,3 +144,17 @@ async def _publishes(relay: OutboxRelay) -> bool:
     except NatsTimeout:
         return False
     return True
+
+
+async def test_a_window_of_rows_is_published_together_in_order_and_deleted_once_acked(
+    engine: AsyncEngine, bus_url: str  # noqa: F811
+) -> None:
+    async with relay_to(engine, bus_url) as relay:
+        relay.batch, relay.window = 10, 4
+        stored = [await append_probe(engine) for _ in range(25)]
+
+        rounds = [await relay.publish_pending() for _ in range(4)]
+
+        assert rounds == [10, 10, 5, 0]
+        assert await published(bus_url, relay) == [str(e.event_id) for e in stored]
+        assert await waiting(engine, *stored) == {}

@@ -7,28 +7,45 @@ fixed by correcting or retracting it, so corrections and retractions are always 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
 
 from services.ingest.domain.errors import FieldProblem
-from shared.clinical.history import Fact, effective_history
+from shared.clinical.history import effective_history
 from shared.events import OBSERVATION_TYPES, StoredEvent
 
+# Only these can change which death the corrected history has (a correction's replacement has its
+# target's type, so only a death's correction makes or moves one).
+DEATH_CHANGING_TYPES = frozenset({"death", "correction", "retraction"})
 
-def recorded_death(history: Sequence[StoredEvent], tz: ZoneInfo) -> Fact | None:
+
+@dataclass(frozen=True)
+class RecordedDeath:
+    event_id: uuid.UUID
+    occurred_at: datetime  # in the offset it was entered in
+
+    def day(self, tz: ZoneInfo) -> date:
+        return self.occurred_at.astimezone(tz).date()
+
+
+def recorded_death(history: Sequence[StoredEvent], tz: ZoneInfo) -> RecordedDeath | None:
     """The patient's death as the corrected history has it, if any."""
     _, facts = effective_history(history, tz)
-    return next((f for f in facts if f.type == "death"), None)
+    death = next((f for f in facts if f.type == "death"), None)
+    return RecordedDeath(death.event_id, death.occurred_at) if death else None
 
 
-def describe(death: Fact) -> str:
-    return (f"the patient's death is recorded on {death.day.isoformat()} ({death.occurred_at.isoformat()}, "
+def describe(death: RecordedDeath, tz: ZoneInfo) -> str:
+    return (f"the patient's death is recorded on {death.day(tz).isoformat()} ({death.occurred_at.isoformat()}, "
             f"event {death.event_id}); correct or retract that event if it is wrong")
 
 
-def after_death_problems(body: BaseModel, death: Fact | None, tz: ZoneInfo) -> list[FieldProblem]:
+def after_death_problems(body: BaseModel, death: RecordedDeath | None, tz: ZoneInfo) -> list[FieldProblem]:
     """Refuse a second death, and any observation on a day after the recorded death.
 
     - A ``death`` while a death is recorded is refused (named at ``type``).
@@ -41,8 +58,8 @@ def after_death_problems(body: BaseModel, death: Fact | None, tz: ZoneInfo) -> l
     if death is None or kind not in OBSERVATION_TYPES:
         return []
     if kind == "death":
-        return [FieldProblem("type", f"a death is already recorded for this patient: {describe(death)}")]
-    if body.occurred_at.astimezone(tz).date() > death.day:  # type: ignore[attr-defined]
+        return [FieldProblem("type", f"a death is already recorded for this patient: {describe(death, tz)}")]
+    if body.occurred_at.astimezone(tz).date() > death.day(tz):  # type: ignore[attr-defined]
         return [FieldProblem("occurred_at", f"{body.occurred_at.isoformat()} is after the patient's "  # type: ignore[attr-defined]
-                                            f"recorded death: {describe(death)}")]
+                                            f"recorded death: {describe(death, tz)}")]
     return []

@@ -1,0 +1,1 @@
+"""Benchmarks (``bench/run``); ``workload`` is shared with the tests."""
