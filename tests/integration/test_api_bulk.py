@@ -99,7 +99,7 @@ async def test_each_bad_line_is_named_and_the_good_ones_are_stored(
     assert [e["path"] for e in by_line[2]["errors"]] == ["unit"]
     assert [e["path"] for e in by_line[5]["errors"]] == ["occurred_at"]
     assert "death" in by_line[5]["errors"][0]["message"]
-    assert "twice" in by_line[6]["errors"][0]["message"]
+    assert "more than once" in by_line[6]["errors"][0]["message"]
     assert [e["path"] for e in by_line[8]["errors"]] == ["subject_id"]
     assert [e.type for e in await history(engine, sid)] == ["patient_enrolled", "death", "follow_up"]
 
@@ -118,9 +118,12 @@ async def test_a_line_bad_in_its_single_post_form_is_refused_the_same_way(
 async def test_a_sites_staff_import_only_their_sites_lines(
         client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine) -> None:
     theirs = await enrol(client, tokens["staff_s02"], site="S02")
-    answer = await import_(client, tokens["staff_s01"], ndjson(lab(theirs)))
+    elsewhere = subject()
+    answer = await import_(client, tokens["staff_s01"], ndjson(
+        lab(theirs), {"type": "enrolment", **enrolment(elsewhere), "site_id": "S02"}))
     assert answer.json()["accepted"] == 0
-    assert [r["status"] for r in answer.json()["rejected"]] == [403]
+    # Another site's patient is answered as an unknown one (no probing); enrolling there is refused.
+    assert [r["status"] for r in answer.json()["rejected"]] == [404, 403]
     assert len(await history(engine, theirs)) == 1
     refused = await import_(client, tokens["investigator"], ndjson(lab(theirs)))
     assert refused.status_code == 403

@@ -10,6 +10,7 @@ pytest 9, so each route's cases are drawn here with Hypothesis directly.)
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -23,6 +24,13 @@ from schemathesis.specs.openapi.checks import content_type_conformance, status_c
 from services.ingest.app import create_app
 from shared.protocol import Protocol
 from shared.settings import Settings
+
+
+@schemathesis.serializer("application/x-ndjson")
+def ndjson(ctx: schemathesis.SerializationContext, value: Any) -> bytes:
+    """The bulk import's body: text as given (lines of JSON or not), anything else as one JSON line."""
+    return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else json.dumps(value).encode()
+
 
 EXAMPLES_PER_ROUTE = 40  # per generation mode (valid, invalid)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
