@@ -113,7 +113,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def run_rate(rate: int, seconds: float, patients: int, tmp: Path) -> dict[str, Any]:
+async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_url: str = NATS) -> dict[str, Any]:
     name = f"tw_lat_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(PG_ADMIN)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -128,7 +128,7 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path) -> dict[
     smtp = Controller(arrivals, hostname="127.0.0.1", port=free_port())
     smtp.start()
     port, tag = free_port(), uuid.uuid4().hex[:8]
-    env = {**os.environ, "TRIALWATCH_DATABASE_URL": url, "TRIALWATCH_NATS_URL": NATS,
+    env = {**os.environ, "TRIALWATCH_DATABASE_URL": url, "TRIALWATCH_NATS_URL": nats_url,
            "TRIALWATCH_SMTP_URL": f"smtp://127.0.0.1:{smtp.port}", "TRIALWATCH_HTTP_PORT": str(port),
            "TRIALWATCH_STREAM_NAME": f"TWLAT_{tag}", "TRIALWATCH_SUBJECT_PREFIX": f"twlat{tag}",
            "TRIALWATCH_INVESTIGATOR_EMAILS": ",".join(INVESTIGATORS), "TRIALWATCH_DATA_DIR": str(tmp / tag)}

@@ -77,7 +77,7 @@ async def populate(engine: AsyncEngine, patients: int) -> list[str]:
 
 async def append_load(engine: AsyncEngine, subjects: list[str], count: int) -> list[StoredEvent]:
     rng, stored = random.Random(7), []
-    chosen = [s for _ in range(0, count, BATCH) for s in rng.sample(subjects, BATCH)]
+    chosen = [s for _ in range(0, count, BATCH) for s in rng.sample(subjects, min(BATCH, len(subjects)))]
     async with engine.begin() as conn:
         for n in range(count):
             subject = chosen[n]
@@ -196,6 +196,16 @@ def row(name: str, value: str, baseline: str, ratio: float | None, target: str) 
     return f"| {name:<44} | {value:>18} | {baseline:>30} | {shown:>7} | {target:<14} |"
 
 
+async def figures(small: int, large: int, load_size: int, summary_size: int, tmp: Path,
+                  kind: str = "postgres") -> dict[str, dict[str, float]]:
+    """The small trial (after a warm-up run of it), the large one, and the summary's trial."""
+    await measure(kind, small, load_size, tmp)  # warm-up: the first run pays for connections and caches
+    big = await measure(kind, large, load_size, tmp)
+    s = await measure(kind, small, load_size, tmp)
+    summary = big if summary_size == large else await measure(kind, summary_size, 50, tmp)
+    return {"small": s, "large": big, "summary": summary}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the issue's sizes (slow)")
@@ -205,10 +215,8 @@ async def main() -> None:
     load_size = 600 if args.full else 200
     summary_size = 10_000 if args.full else 1000
     with tempfile.TemporaryDirectory() as tmp:
-        await measure(args.db, small, load_size, Path(tmp))  # warm-up: the first run pays for connections and caches
-        big = await measure(args.db, large, load_size, Path(tmp))
-        s = await measure(args.db, small, load_size, Path(tmp))
-        summary = big if summary_size == large else await measure(args.db, summary_size, 50, Path(tmp))
+        found = await figures(small, large, load_size, summary_size, Path(tmp), args.db)
+    s, big, summary = found["small"], found["large"], found["summary"]
     rate = {name: {k: v["half"] / v[f"{k}_s"] for k in ("batched", "single")} for name, v in (("s", s), ("l", big))}
     print(f"== safety pace on {args.db} ({'full' if args.full else 'small'} sizes)")
     print(row("figure", "value", "baseline (same run)", None, "target"))

@@ -648,6 +648,63 @@ async def replay_rows(ctx: Context) -> list[Row]:
     return [Row(f"replay ({count} events)", replayed, "events/s", "asyncpg cursor + pydantic", decoded)]
 
 
+# --------------------------------------------------------------------------- safety pace (issue 8)
+
+SAFETY_SIZES = {  # (small trial, large trial, events of the load, patients of the summary)
+    "smoke": (25, 40, 50, 40),
+    "small": (30, 600, 200, 1_000),
+    "full": (30, 3_000, 600, 10_000),
+}
+LATENCY_SIZES = {  # (events/s, seconds, patients)
+    "smoke": ((10,), 2.0, 20),
+    "small": ((50,), 10.0, 200),
+    "full": ((50, 150, 250), 30.0, 1_000),
+}
+
+
+def _size_name(ctx: Context) -> str:
+    return next(name for name, sizes in SIZES.items() if sizes is ctx.sizes)
+
+
+async def safety_rows(ctx: Context) -> list[Row]:
+    """The safety service by trial size (bench/bench_safety.py): events/s batched, replay, the summary."""
+    from bench import bench_safety
+
+    small, large, load, summary_size = SAFETY_SIZES[_size_name(ctx)]
+    figures = await bench_safety.figures(small, large, load, summary_size, ctx.tmp)
+    s, big, summary = figures["small"], figures["large"], figures["summary"]
+    rate = {k: v["half"] / v["batched_s"] for k, v in (("s", s), ("l", big))}
+    single = big["half"] / big["single_s"]
+    rows = [
+        Row(f"safety, batched, {large} patients", rate["l"], "events/s", f"the same at {small} patients", rate["s"],
+            target=">= 0.8x", met=rate["l"] >= 0.8 * rate["s"]),
+        Row(f"safety at {large}: batched vs one event per transaction", rate["l"], "events/s",
+            "one event per transaction (the old consumer's shape)", single),
+    ]
+    if "decode_s" in big:
+        replayed, decoded = big["events"] / big["replay_s"], big["events"] / big["decode_s"]
+        rows.append(Row(f"safety replay ({large} patients, {big['events']:.0f} events)", replayed, "events/s",
+                        "asyncpg cursor + pydantic", decoded, target=">= 0.5x", met=replayed >= 0.5 * decoded))
+    rows.append(Row(f"DSMB summary build, {summary_size} patients", summary["summary_s"], "s", "the target", 10.0,
+                    higher_is_better=False, target="< 10 s", met=summary["summary_s"] < 10))
+    return rows
+
+
+async def alert_latency_rows(ctx: Context) -> list[Row]:
+    """POST -> urgent mail under an open-loop load, the services as processes (bench/bench_alert_latency.py)."""
+    from bench import bench_alert_latency
+
+    rates, seconds, patients = LATENCY_SIZES[_size_name(ctx)]
+    rows = []
+    for rate in rates:
+        r = await bench_alert_latency.run_rate(rate, seconds, patients, ctx.tmp, nats_url=ctx.nats_url)
+        rows.append(Row(f"POST -> urgent mail p99 at {rate} events/s ({patients} patients, {r['sent']} urgent, "
+                        f"{'each mailed exactly once' if r['exactly_once'] else 'NOT each mailed exactly once'})",
+                        r["p99"], "s", "the target", 1.0, higher_is_better=False, target="< 1 s",
+                        met=r["p99"] < 1 and r["exactly_once"]))
+    return rows
+
+
 # --------------------------------------------------------------------------- the table
 
 Section = Callable[[Context], Awaitable[list[Row]]]
@@ -660,7 +717,8 @@ SECTIONS: list[Section] = [
     append_rows,
     concurrent_append_rows,
     replay_rows,
-    # safety-pace rows (the lead's): here
+    safety_rows,
+    alert_latency_rows,
 ]
 
 

@@ -16,21 +16,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Any
 
-from faststream import AckPolicy, Context
+import nats
+from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
-from faststream.nats.message import NatsBatchMessage
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.bus import BusNames
+from shared.bus import BusNames, nats_servers
 from shared.events import StoredEvent
 from shared.store.eventstore import now_utc
 from shared.store.tables import dead_letters, delivery_failures, processed_messages
@@ -252,26 +253,46 @@ def _consumer_config(durable: str, ack_wait: float) -> ConsumerConfig:
     )
 
 
-def batch_router(names: BusNames, subscription: BatchSubscription, *, durable: str, batch_size: int,
-                 ack_wait: float = 60.0) -> NatsRouter:
-    """One durable pull consumer over every event subject, fetched ``batch_size`` at a time.
+class BatchPuller:
+    """One durable pull consumer over every event subject, fetched ``batch_size`` at a time with
+    nats-py: one fetch per round, whatever it returns handed to ``subscription`` whole.
 
     Any number of processes may fetch from it: the server hands each batch to one of them.
+    (FastStream's batch subscriber fetches again with the time left until its batch is full; a
+    fetch whose time runs out with its pull request still open strands what the server sends for
+    it until the ack wait: alerts a minute late. One fetch with a real timeout does not.)
     """
-    router = NatsRouter()
 
-    @router.subscriber(
-        names.all_events,
-        stream=JStream(names.stream, declare=False),
-        durable=durable,
-        pull_sub=PullSub(batch_size=batch_size, timeout=0.2, batch=True),
-        config=_consumer_config(durable, ack_wait),
-        ack_policy=AckPolicy.MANUAL,
-    )
-    async def on_events(bodies: list[Any], msg: Annotated[NatsBatchMessage, Context("message")]) -> None:
-        await subscription.handle(list(msg.raw_message))
+    FETCH_TIMEOUT_S = 1.0
 
-    return router
+    def __init__(self, nats_url: str, names: BusNames, subscription: BatchSubscription, *, durable: str,
+                 batch_size: int, ack_wait: float = 60.0) -> None:
+        self.nats_url, self.names, self.subscription = nats_url, names, subscription
+        self.durable, self.batch_size, self.ack_wait = durable, batch_size, ack_wait
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._pull(stop)
+            except Exception:  # the server went away for good, or refused: start over
+                log.exception("%s: pulling failed; starting again in 1 s", self.durable)
+                await asyncio.sleep(1.0)
+
+    async def _pull(self, stop: asyncio.Event) -> None:
+        nc = await nats.connect(nats_servers(self.nats_url), max_reconnect_attempts=-1, reconnect_time_wait=1,
+                                connect_timeout=5)
+        try:
+            pull = await nc.jetstream().pull_subscribe(
+                self.names.all_events, durable=self.durable, stream=self.names.stream,
+                config=_consumer_config(self.durable, self.ack_wait))
+            while not stop.is_set():
+                try:
+                    batch = await pull.fetch(self.batch_size, timeout=self.FETCH_TIMEOUT_S)
+                except TimeoutError:
+                    continue
+                await self.subscription.handle(batch)
+        finally:
+            await nc.close()
 
 
 def durable_router(names: BusNames, subscription: Subscription, *, durable: str,

@@ -10,7 +10,7 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.safety.consumer import DURABLE, build_router
+from services.safety.consumer import DURABLE, build_puller
 from services.safety.follower import RULES_LEASE, Lease, TrialFollower, bump_rule_inputs
 from services.safety.handlers import SafetyMonitor, is_outage
 from shared.background import Background
@@ -56,7 +56,7 @@ class SafetyService:
                                       after=self.relay.poke)
         self.subscription = BatchSubscription(self.engine, DURABLE, self.work, max_deliver=settings.max_deliver,
                                               is_outage=is_outage, after_commit=self.after_commit)
-        self.broker.include_router(build_router(self.names, self.subscription, ack_wait=settings.ack_wait_s))
+        self.puller = build_puller(nats_url, self.names, self.subscription, ack_wait=settings.ack_wait_s)
         self.background = Background()
 
     async def work(self, conn: AsyncConnection, batch: list[StoredEvent]) -> None:
@@ -85,6 +85,7 @@ class SafetyService:
     async def after_start(self) -> None:
         self.background.start(self.relay.run(self.background.stop))
         await self.follower.lead()  # the first worker sweeps before it counts as started
+        self.background.start(self.puller.run(self.background.stop))
         self.background.start(self.follower.run(self.background.stop))
 
     async def before_stop(self) -> None:

@@ -3,15 +3,13 @@ fetched in batches; any number of safety workers may share it (shared/consuming.
 
 from __future__ import annotations
 
-from faststream.nats import NatsRouter
-
 from shared.bus import BusNames
-from shared.consuming import BatchSubscription, batch_router
+from shared.consuming import BatchPuller, BatchSubscription
 
 DURABLE = "safety"
 BATCH_SIZE = 50  # a batch is one transaction: large enough to share the work, short enough not to hold ingest up
 
 
-def build_router(names: BusNames, subscription: BatchSubscription, *, durable: str = DURABLE,
-                 batch_size: int = BATCH_SIZE, ack_wait: float = 60.0) -> NatsRouter:
-    return batch_router(names, subscription, durable=durable, batch_size=batch_size, ack_wait=ack_wait)
+def build_puller(nats_url: str, names: BusNames, subscription: BatchSubscription, *, durable: str = DURABLE,
+                 batch_size: int = BATCH_SIZE, ack_wait: float = 60.0) -> BatchPuller:
+    return BatchPuller(nats_url, names, subscription, durable=durable, batch_size=batch_size, ack_wait=ack_wait)
