@@ -14,11 +14,11 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.ingest import handlers
 from services.ingest.domain.errors import Invalid, OtherSite, PatientExists, UnknownPatient, VersionMismatch
 from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused, body_hash
+from services.ingest.ledger import Ledger
 from services.ingest.web.sessions import WebSession
 from shared.store.eventstore import DuplicateEvent
 
@@ -34,13 +34,15 @@ class Refused(Exception):
 
 
 async def run(request: Request, session: WebSession, form_key: str, body: dict[str, Any],
-              work: Callable[[AsyncConnection], Awaitable[Any]], present: Callable[[Any], Answer]) -> Answer:
-    """Run ``work`` in the unit of work under the form's key; ``Refused`` names what was wrong."""
+              work: Callable[[Ledger], Awaitable[Any]], present: Callable[[Any], Answer], *,
+              subject_id: str) -> Answer:
+    """Run ``work`` in the group commit (as the API does) under the form's key; ``Refused`` names
+    what was wrong."""
     key = IdempotencyKey(key=f"web-form:{form_key}"[:200], token_hash=session.principal.token_hash,
                          method_path=f"POST {request.url.path}", body_hash=body_hash(json.dumps(body).encode())
                          ) if form_key else None
     try:
-        return await request.app.state.uow.run(work, present, key)  # type: ignore[no-any-return]
+        return await request.app.state.uow.write(work, present, key, subjects=(subject_id,))  # type: ignore[no-any-return]
     except KeyReused:
         raise Refused({"": ["This form was saved already with other values. Open a new form to record "
                             "another entry."]}) from None
@@ -65,5 +67,5 @@ async def record_event(request: Request, session: WebSession, subject_id: str, b
                                site_scope=session.principal.site_scope)
     protocol, moment = request.app.state.protocol, request.app.state.clock()
     return await run(request, session, form_key, raw,
-                     lambda conn: handlers.record_event(conn, cmd, protocol=protocol, now=moment),
-                     lambda stored: Answer(201, stored.public(), recorded=(stored.type,)))
+                     lambda ledger: handlers.record_event(ledger, cmd, protocol=protocol, now=moment),
+                     lambda stored: Answer(201, stored.public(), recorded=(stored.type,)), subject_id=subject_id)

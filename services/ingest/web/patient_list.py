@@ -78,8 +78,9 @@ async def enrol(request: Request, session: Enroller) -> Response:
         enrolment = Enrolment.model_validate(body)
         cmd = handlers.Enrol(enrolment, recorded_by=session.principal.user, site_scope=session.principal.site_scope)
         await commands.run(request, session, form.get("form_key", ""), body,
-                           lambda conn: handlers.enrol(conn, cmd, protocol=protocol, now=moment),
-                           lambda stored: Answer(201, stored.public(), recorded=(stored.type,)))
+                           lambda ledger: handlers.enrol(ledger, cmd, protocol=protocol, now=moment),
+                           lambda stored: Answer(201, stored.public(), recorded=(stored.type,)),
+                           subject_id=enrolment.subject_id)
     except ValidationError as exc:
         return await _page(request, session, values=form, problems=problems_of(exc),
                            form_key=form.get("form_key"), status=422)
