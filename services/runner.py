@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import uvicorn
+from faststream.nats import NatsBroker
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -215,7 +216,9 @@ async def send_digest_now(settings: Settings) -> dict[str, Any]:
         await migrate_async(settings.resolved_database_url)
         engine = make_engine(settings.resolved_database_url)
         try:
-            service = NotifyService(settings, nats_url=settings.nats_url or "", smtp_url=smtp_url, engine=engine)
+            # Sent here and now, through the notifier's digest service; no bus is needed (nor connected).
+            service = NotifyService(settings, nats_url=settings.nats_url or "", smtp_url=smtp_url, engine=engine,
+                                    broker=NatsBroker())
             return await service.digests.send_now(requested_by="cli")
         finally:
             await engine.dispose()

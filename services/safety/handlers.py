@@ -166,6 +166,7 @@ class SafetyMonitor:
         """Scheduler entry: time has passed (a due date); re-evaluate in its own transaction."""
         async with self.engine.begin() as conn:
             if subject_id is not None:
+                await lock_patients(conn, [subject_id])
                 await self.evaluate_guarded(conn, subject_id)
             await self.evaluate_stopping(conn)
 
@@ -206,6 +207,7 @@ class SafetyMonitor:
                 if is_outage(exc):
                     raise
                 async with self.engine.begin() as conn:
+                    await lock_patients(conn, batch)
                     for subject_id, one in batch.items():
                         await self.evaluate_guarded(conn, subject_id, known=one)
             if progress is not None:
@@ -232,8 +234,8 @@ class SafetyMonitor:
     # --- one patient ---------------------------------------------------------------------------
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,
                                cause: StoredEvent | None = None, known: Known | None = None) -> bool:
-        """Evaluate one patient behind its bulkhead; True if the rules must look again."""
-        await lock_patients(conn, [subject_id])  # a no-op when the caller took it with the others
+        """Evaluate one patient behind its bulkhead; True if the rules must look again. The caller
+        holds the patient's lock (``lock_patients``, taken with the others of its transaction)."""
         try:
             async with conn.begin_nested():
                 changed = await self.evaluate_subject(conn, subject_id, cause=cause, known=known)
