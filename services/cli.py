@@ -97,17 +97,60 @@ def token_create(
     user: str = typer.Option(..., "--user"),
     role: str = typer.Option(..., "--role", help="site_staff | investigator | dsmb | admin"),
     site: str | None = typer.Option(None, "--site"),
+    expires_in: float | None = typer.Option(None, "--expires-in", metavar="DAYS",
+                                            help="refused after this many days (default: never)"),
 ) -> None:
     """Create an API token; it is printed once, alone on the last line."""
     from services.ingest.tokens_cmd import create_token_cli
 
     try:
-        token = asyncio.run(create_token_cli(_settings(), user, role, site))
+        token = asyncio.run(create_token_cli(_settings(), user, role, site, expires_in))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"token for {user} ({role}{', site ' + site if site else ''}); shown once, store it now:")
+    lasts = f"; expires in {expires_in:g} days" if expires_in is not None else ""
+    typer.echo(f"token for {user} ({role}{', site ' + site if site else ''}{lasts}); shown once, store it now:")
     typer.echo(token)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """Every token by its public id (never the token): user, role, site, created, expires, revoked."""
+    from services.ingest.tokens_cmd import list_tokens_cli
+
+    columns = ("id", "user", "role", "site", "created", "expires", "revoked")
+    rows = [[_cell(t[c]) for c in columns] for t in asyncio.run(list_tokens_cli(_settings()))]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    for line in [list(columns), *rows]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else str(value)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: str | None = typer.Argument(None, metavar="[ID]", help="a token's id from `token list`"),
+    user: str | None = typer.Option(None, "--user", help="revoke every token of this user"),
+) -> None:
+    """Revoke one token, or every token of a user; refused everywhere within 5 seconds."""
+    from services.ingest.tokens_cmd import revoke_tokens_cli
+
+    try:
+        revoked, matching = asyncio.run(revoke_tokens_cli(_settings(), public_id=token_id, user=user))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if matching == 0:
+        typer.echo(f"error: no token {'of user ' + repr(user) if user is not None else repr(token_id)}", err=True)
+        raise typer.Exit(1)
+    for public_id in revoked:
+        typer.echo(f"revoked {public_id}")
+    if len(revoked) < matching:
+        typer.echo(f"{matching - len(revoked)} already revoked")
 
 
 @app.command()

@@ -152,6 +152,7 @@ api_tokens = Table(
     Column("site_id", String(32), nullable=True),
     Column("created_at", Tz, nullable=False),
     Column("revoked_at", Tz, nullable=True),
+    Column("expires_at", Tz, nullable=True),
 )
 
 idempotency_keys = Table(
