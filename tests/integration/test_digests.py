@@ -29,7 +29,7 @@ from services.notify.mailer import Mailer, MailerUnavailable, SmtpMailer
 from shared.clinical.grading import derive_data
 from shared.events import PATIENT_ENROLLED, ClinicalEventBody, Enrolment, NewEvent, patient_stream
 from shared.protocol import Protocol
-from shared.store.eventstore import append, now_utc
+from shared.store.eventstore import append, now_utc, utc
 from shared.store.tables import digests
 
 DSMB = ["dsmb-chair@trial.test", "dsmb-statistician@trial.test"]
@@ -258,6 +258,42 @@ async def test_smtp_down_leaves_the_period_unsent_and_a_later_retry_sends_it_onc
         assert cutoff_of(mail) == cutoff
         row = await row_of(engine, key)
         assert (row.status, row.claimed_by, row.attempts) == ("sent", "replica-b", 3)
+    finally:
+        await capture.stop()
+
+
+async def test_a_requested_summary_waits_out_a_long_smtp_outage_with_backoff_and_goes_out_once(
+    engine: AsyncEngine, protocol: Protocol, data_dir: Path
+) -> None:
+    capture = await stopped_capture(data_dir)
+    clock, key = Clock(now_utc()), period()
+    notifier = replica(engine, protocol, SmtpMailer.from_url(capture.url, timeout=2), clock, "notifier")
+
+    # The request finds the server down: queued, not raised (its message is acked, never dead-lettered).
+    assert await notifier.request(key, clock()) == "queued"
+
+    # Each failure pushes the next try further off, 2^n s up to the cap; nothing gives up.
+    waits = []
+    for _ in range(12):
+        row = await row_of(engine, key)
+        waits.append((utc(row.claimed_until) - clock()).total_seconds())
+        clock.set(utc(row.claimed_until))
+        await notifier.retry_unsent()
+    assert waits[:4] == [2, 4, 8, 16] and waits[-1] == notifier.max_backoff.total_seconds() == 300
+    row = await row_of(engine, key)
+    assert (row.status, row.attempts) == ("sending", 13) and "MailerUnavailable" in row.last_error
+    assert await notifier.request(key, clock()) == "busy"  # a redelivered request waits its turn
+
+    # The server is back: the next due retry sends it, once, with the cutoff of the request.
+    await capture.start()
+    try:
+        clock.set(utc(row.claimed_until))
+        await notifier.retry_unsent()
+        await notifier.retry_unsent()
+        [mail] = await mails_of(engine, capture, key)
+        assert (await row_of(engine, key)).status == "sent"
+        assert await notifier.request(key, clock()) == "already_sent"
+        assert len(await mails_of(engine, capture, key)) == 1
     finally:
         await capture.stop()
 
