@@ -164,11 +164,15 @@ def replay() -> None:
 
 
 @app.command()
-def verify() -> None:
+def verify(
+    anchor: str | None = typer.Option(
+        None, "--anchor", metavar="POSITION:HASH",
+        help="an audit anchor kept outside the database (a DSMB summary's): the chain must pass through it"),
+) -> None:
     """Check the audit hash chain; exits 1 naming the first bad event."""
     from services.runner import verify_chain
 
-    checked, bad, why = asyncio.run(verify_chain(_settings()))
+    checked, bad, why = asyncio.run(verify_chain(_settings(), anchor=_anchor(anchor) if anchor else None))
     if bad is not None:
         typer.echo(
             f"BROKEN at position {bad.position}: event {bad.event_id} ({bad.type}, stream {bad.stream_id}): {why}",
@@ -178,7 +182,15 @@ def verify() -> None:
     if why:
         typer.echo(f"BROKEN after {checked} events: {why}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"ok: {checked} events, hash chain intact")
+    typer.echo(f"ok: {checked} events, hash chain intact" + (f", passes through the anchor {anchor}" if anchor else ""))
+
+
+def _anchor(text: str) -> tuple[int, str]:
+    position, _, digest = text.strip().partition(":")
+    if not position.isdigit() or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+        typer.echo(f"error: --anchor {text!r} is not POSITION:HASH (a whole number, a colon, 64 hex digits)", err=True)
+        raise typer.Exit(2)
+    return int(position), digest.lower()
 
 
 @digest_app.command("send")

@@ -37,11 +37,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.notify.deliveries import LOUD_AFTER_ATTEMPTS, MAX_BACKOFF_S
 from services.notify.digest_email import render_digest
 from services.notify.mailer import Mailer
-from services.notify.summary import RuleSnapshot, Summary, build_summary
+from services.notify.summary import AuditAnchor, RuleSnapshot, Summary, build_summary
 from shared.clinical.stopping import evaluate_rules
 from shared.patients import load_patient_states
 from shared.protocol import Protocol
-from shared.store.eventstore import utc
+from shared.store.eventstore import anchor_at, utc
 from shared.store.tables import digests
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class DigestService:
     async def build(self, cutoff: datetime) -> Summary:
         async with self.engine.connect() as conn:
             states = await load_patient_states(conn, self.protocol, now=cutoff, as_of=cutoff)
+            position, chain_hash = await anchor_at(conn, cutoff)
         rules = [
             RuleSnapshot(
                 rule_id=s.rule.id, title=s.rule.title, evaluable=s.evaluable, events=s.events,
@@ -104,7 +105,7 @@ class DigestService:
         return build_summary(
             [s.outcome() for s in states], rules, generated_at=self.clock().astimezone(self.protocol.tz),
             data_cutoff=cutoff.astimezone(self.protocol.tz),
-            trial_title=self.protocol.trial.title,
+            trial_title=self.protocol.trial.title, audit=AuditAnchor(position, chain_hash),
         )
 
     async def _claim(self, period_key: str, cutoff: datetime) -> dict[str, Any] | None:

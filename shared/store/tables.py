@@ -106,6 +106,17 @@ chain_head = Table(
     Column("hash", String(64), nullable=False),
 )
 
+# How many events were ever appended, and the highest position: kept by a database trigger on
+# insert into ``events`` (migration 0004), never by the append code, so a tail deleted with the chain
+# head rewound to match still shows (``verify_chain``). One row, id 1.
+events_appended = Table(
+    "events_appended",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("count", Position, nullable=False),
+    Column("last_position", Position, nullable=False),
+)
+
 # --- consumers (safety, notify): durable idempotency and the dead-letter place -------------
 processed_messages = Table(
     "processed_messages",

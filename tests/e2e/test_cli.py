@@ -168,6 +168,15 @@ def test_verify_names_the_first_tampered_event_and_replay_rebuilds(cli_env: dict
     assert verified.returncode == 0, verified.stderr
     assert "intact" in verified.stdout
 
+    # An anchor (as a DSMB summary carries it) the chain passes through; one it does not; a typo.
+    with sqlite3.connect(store) as db:
+        position, digest = db.execute("SELECT position, hash FROM events ORDER BY position DESC").fetchone()
+    anchored = run(cli_env, "verify", "--anchor", f"{position}:{digest}")
+    assert anchored.returncode == 0 and "anchor" in anchored.stdout, anchored.stderr
+    elsewhere = run(cli_env, "verify", "--anchor", f"{position}:{'0' * 64}")
+    assert elsewhere.returncode == 1 and f"position {position}" in elsewhere.stderr and "rewritten" in elsewhere.stderr
+    assert run(cli_env, "verify", "--anchor", f"{position}-{digest}").returncode == 2
+
     replayed = run(cli_env, "replay")
     assert replayed.returncode == 0, replayed.stderr
     assert "1 patients" in replayed.stdout

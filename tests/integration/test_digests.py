@@ -30,7 +30,7 @@ from shared.clinical.grading import derive_data
 from shared.events import PATIENT_ENROLLED, ClinicalEventBody, Enrolment, NewEvent, patient_stream
 from shared.protocol import Protocol
 from shared.store.eventstore import append, now_utc, utc
-from shared.store.tables import digests
+from shared.store.tables import digests, events
 
 DSMB = ["dsmb-chair@trial.test", "dsmb-statistician@trial.test"]
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -418,7 +418,7 @@ async def record(engine: AsyncEngine, subject: str, body: dict[str, Any], protoc
                      recorded_at=(recorded or parsed.occurred_at).astimezone(UTC))
 
 
-CONTRACT_KEYS = {"generated_at", "data_cutoff", "enrolled", "incidences", "survival", "stopping_rules"}
+CONTRACT_KEYS = {"generated_at", "data_cutoff", "enrolled", "incidences", "survival", "stopping_rules", "audit"}
 INCIDENCE_KEYS = {"name", "arm", "events", "evaluable", "rate", "ci_low", "ci_high"}
 SURVIVAL_KEYS = {"endpoint", "arm", "n", "events", "median_days", "at_3y", "ci_low", "ci_high"}
 RULE_KEYS = {"rule_id", "evaluable", "events", "stop_at", "crossed"}
@@ -478,6 +478,12 @@ async def test_the_summary_mail_shows_the_store_as_recorded_by_its_cutoff(
     assert (os_by_arm["blinatumomab_dli"]["n"], os_by_arm["blinatumomab_dli"]["events"]) == (2, 0)
     assert document["deaths"] == []
 
+    # The audit anchor: the chain at the last event recorded by the cutoff (the 5th of this store),
+    # in summary.json and in the text, as the argument `trialwatch verify --anchor` takes.
+    anchor = {"position": 5, "hash": await hash_at(own_engine, 5)}
+    assert document["audit"] == anchor
+    assert f"verify --anchor {anchor['position']}:{anchor['hash']}" in plain.get_content()
+
     # The late entries are in the store: a summary cut after them counts them.
     later = await service.send(f"manual:{uuid.uuid4()}", after + timedelta(minutes=1))
     assert later == "sent"
@@ -486,3 +492,9 @@ async def test_the_summary_mail_shows_the_store_as_recorded_by_its_cutoff(
     os_by_arm = {s["arm"]: s for s in document["survival"] if s["endpoint"] == "os"}
     assert os_by_arm["blinatumomab_dli"]["events"] == 1
     assert [d["subject_id"] for d in document["deaths"]] == ["S02-002"]
+    assert document["audit"] == {"position": 7, "hash": await hash_at(own_engine, 7)}
+
+
+async def hash_at(engine: AsyncEngine, position: int) -> str:
+    async with engine.connect() as conn:
+        return str(await conn.scalar(select(events.c.hash).where(events.c.position == position)))
