@@ -231,3 +231,51 @@ def test_cli_rejects_bad_arguments_naming_them(args: list[str], named: str) -> N
     result = runner.invoke(app, ["boundaries", *args])
     assert result.exit_code == 2
     assert named in result.output
+
+
+# --- the Pocock search against a plain scan over every candidate alpha --------------------------
+
+def scanned_pocock(p0: float, ns: list[int], cp0: float) -> tuple[float, list[int | None]]:
+    """The largest nominal alpha (a tail probability of some look) whose boundary crosses with
+    probability <= cp0 under p0, found by trying every candidate: what the bisection must find."""
+    tails = sorted({float(binom.sf(b - 1, n, p0)) for n in ns for b in range(n + 2)})
+    best: tuple[float, list[int | None]] = (0.0, [None] * len(ns))
+    for alpha in (t for t in tails if 0 < t <= cp0):
+        stop_at = [next((b for b in range(n + 1) if binom.sf(b - 1, n, p0) <= alpha), None) for n in ns]
+        looks = [Look(n, s) for n, s in zip(ns, stop_at, strict=True)]
+        if crossing_probabilities(looks, p0)[0] <= cp0 and alpha > best[0]:
+            best = (alpha, stop_at)
+    return best
+
+
+def searched(p0: float, ns: list[int], cp0: float) -> tuple[float, list[int | None]]:
+    b = pocock_at(p0, None, ns, cp0)
+    return b.params["alpha"], [look.stop_at for look in b.looks]
+
+
+@pytest.mark.parametrize(("p0", "ns", "cp0"), [
+    (0.1, [5], 0.1), (0.2, [3, 6], 0.05), (0.3, [2, 4, 6, 8], 0.2), (0.15, list(range(1, 13)), 0.1),
+    (0.05, [10, 20], 0.01), (0.4, [1, 2, 3], 0.5), (0.25, [4, 9, 15], 0.02),
+])
+def test_the_pocock_bisection_finds_what_a_scan_of_every_candidate_finds(p0, ns, cp0) -> None:
+    alpha, stop_at = searched(p0, ns, cp0)
+    expected_alpha, expected_stop_at = scanned_pocock(p0, ns, cp0)
+    assert alpha == pytest.approx(expected_alpha, rel=1e-12) and stop_at == expected_stop_at
+
+
+def test_the_pocock_search_takes_the_smallest_candidate_when_only_it_qualifies() -> None:
+    # cp0 set to the crossing probability of the strictest boundary: only the first candidate fits.
+    p0, ns = 0.2, [5, 10]
+    smallest = min(t for n in ns for b in range(n + 2) if (t := float(binom.sf(b - 1, n, p0))) > 0)
+    strictest = [next((b for b in range(n + 1) if binom.sf(b - 1, n, p0) <= smallest), None) for n in ns]
+    cp0 = crossing_probabilities([Look(n, s) for n, s in zip(ns, strictest, strict=True)], p0)[0]
+
+    assert searched(p0, ns, cp0) == scanned_pocock(p0, ns, cp0)
+    assert searched(p0, ns, cp0)[0] == pytest.approx(smallest, rel=1e-12)
+
+
+def test_the_pocock_search_never_stops_when_no_candidate_qualifies() -> None:
+    p0, ns = 0.5, [2, 4]
+    smallest = min(t for n in ns for b in range(n + 2) if (t := float(binom.sf(b - 1, n, p0))) > 0)
+    b = pocock_at(p0, None, ns, smallest / 2)
+    assert b.params["alpha"] == 0.0 and [look.stop_at for look in b.looks] == [None, None]

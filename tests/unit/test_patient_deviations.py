@@ -6,8 +6,10 @@ from datetime import date, timedelta
 
 import pytest
 
+from shared.clinical.patient import fold_patient
 from shared.events import alert_id_for
-from tests.unit.patient_history import History, at, deviation_codes, kinds
+from shared.protocol import Protocol
+from tests.unit.patient_history import PROTOCOL, History, at, deviation_codes, kinds
 
 DAY1 = date(2025, 3, 5)
 DLI_DAY = date(2025, 3, 20)
@@ -40,6 +42,46 @@ def test_a_dose_off_the_cohort_schedule_is_a_deviation(day_number, dose_ug, devi
         deviation = state.public()["deviations"][0]
         assert deviation["event_id"] == str(dose.event_id)
         assert f"{dose_ug:g} µg given" in deviation["detail"]
+
+
+@pytest.mark.parametrize(("day_number", "scheduled"), [(1, 9.0), (5, 11.66), (8, 28.0)])
+def test_the_dose_tolerance_is_1_percent_on_either_side_not_a_hair_more(day_number, scheduled):
+    # Exactly 1% over and under is on schedule; 1.001% either way is not (1% cannot become 1.1%).
+    def deviates(dose_ug: float) -> bool:
+        h = History()
+        h.dose(1, day_number, at(day(day_number)), dose_ug=dose_ug)
+        return deviation_codes(h.fold(at(day(day_number), 12))) == ["dose_off_schedule"]
+
+    assert not deviates(scheduled * 1.01) and not deviates(scheduled * 0.99)
+    assert deviates(scheduled * 1.01001) and deviates(scheduled * 0.98999)
+
+
+def with_a_break(days: range) -> Protocol:
+    """The bundled protocol, its MRD-positive schedule pausing on ``days`` (a dosing break)."""
+    data = PROTOCOL.model_dump()
+    data["cohorts"]["mrd_positive"]["schedule"] = [
+        {"from_day": 1, "to_day": days.start - 1, "dose_ug": 28.0},
+        {"from_day": days.stop, "to_day": 28, "dose_ug": 28.0},
+    ]
+    return Protocol.model_validate(data)
+
+
+def test_a_dose_on_a_day_the_schedule_leaves_out_is_an_unscheduled_day():
+    protocol = with_a_break(range(5, 8))
+    h = History(cohort="mrd_positive")
+    h.dose(1, 4, at(day(4)), dose_ug=28.0)  # the edges of the break are on schedule
+    stray = h.dose(1, 5, at(day(5)), dose_ug=28.0)
+    h.dose(1, 7, at(day(7)), dose_ug=28.0)
+    h.dose(1, 8, at(day(8)), dose_ug=28.0)
+
+    state = fold_patient(h.events, protocol, now=at(day(8), 12))
+
+    unscheduled = [d for d in state.public()["deviations"] if d["code"] == "dose_unscheduled_day"]
+    assert [d["event_id"] for d in unscheduled] == [str(stray.event_id), str(h.events[3].event_id)]
+    assert "dose_off_schedule" not in deviation_codes(state)
+    assert unscheduled[0]["detail"] == ("course 1 day 5: 28 µg given, no dose is scheduled on that day "
+                                        "for the MRD-positive cohort")
+    assert {a.rule for a in state.desired_alerts()} >= {"deviation:dose_unscheduled_day"}
 
 
 def test_a_deviation_raises_a_high_alert_keyed_by_code_and_cause():
@@ -160,6 +202,24 @@ def test_a_dli_outside_5e7_to_1e8_mnc_per_kg_is_a_deviation(mnc, deviates):
     assert (codes == ["dli_cell_dose"]) is deviates
 
 
+def test_a_dli_at_the_same_moment_as_the_first_dose_has_no_course_1_before_it():
+    same, after = History(), History()
+    for h in (same, after):
+        h.dose(1, 1, at(DAY1, 9))
+    same.dli(at(DAY1, 9))
+    after.dli(at(DAY1, 9, second=1))
+    assert "dli_without_course1" in deviation_codes(same.fold(at(DAY1, 12)))
+    assert "dli_without_course1" not in deviation_codes(after.fold(at(DAY1, 12)))
+
+
+def test_a_second_course_started_at_the_moment_of_the_dli_has_no_dli_before_it():
+    h = History()
+    h.course(1, DAY1, 10)
+    h.dli(at(date(2025, 4, 20), 9))
+    h.dose(2, 1, at(date(2025, 4, 20), 9), dose_ug=28.0)
+    assert "second_course_without_dli" in deviation_codes(h.fold(at(date(2025, 4, 20), 12)))
+
+
 def test_a_dli_without_course_1_before_it_is_a_deviation():
     h = History()
     h.dli(at(DLI_DAY))
@@ -209,6 +269,14 @@ def test_enrolment_with_an_eligibility_override_is_a_deviation():
     assert "approved by PI Wang" in alert.detail
     # This History's patient met every criterion: the alert says so rather than "failed".
     assert "although every criterion recorded was met" in alert.detail and "failed" not in alert.detail
+
+
+@pytest.mark.parametrize(("age", "over"), [(65, False), (65.5, True), (66, True)])
+def test_an_override_names_the_age_only_above_65(age, over):
+    h = History(age_years=age, override={"reason": "fit", "approved_by": "PI Wang"})
+    (alert,) = h.fold(at(date(2025, 3, 4))).desired_alerts()
+    assert (f"age {age:g} > 65" in alert.detail) is over
+    assert ("although every criterion recorded was met" in alert.detail) is not over
 
 
 def test_blinatumomab_or_a_dli_for_a_usual_care_patient_is_a_deviation():
