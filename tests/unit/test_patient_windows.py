@@ -63,6 +63,21 @@ def test_day_1_is_in_the_2_week_window_and_the_day_before_is_not():
     assert before.fold(now).endpoint("crs_any_2w") is False
 
 
+def test_the_window_opens_at_the_midnight_starting_day_1():
+    h = History()
+    h.dose(1, 1, at(DAY1, 9))
+    assert h.fold(midnight(DAY1) - timedelta(seconds=1)).public()["windows"]["day14"]["status"] == "not_started"
+    assert h.fold(midnight(DAY1)).public()["windows"]["day14"]["status"] == "open"
+
+
+def test_a_patient_who_left_before_any_dose_needs_no_assessment():
+    died, waiting = History(), History()
+    died.death(at(DAY1))
+    windows = died.fold(at(day(30))).public()["windows"]
+    assert windows["day14"]["status"] == windows["day100"]["status"] == "not_required"
+    assert waiting.fold(at(day(30))).public()["windows"]["day14"]["status"] == "not_started"
+
+
 def test_gvhd_on_the_dli_day_is_in_the_100_day_window():
     h = treated()
     h.dli(at(DLI_DAY, 14))
