@@ -11,6 +11,7 @@ from scipy.stats import beta, binom
 from typer.testing import CliRunner
 
 from services.boundaries_cmd import boundaries
+from shared.clinical import boundaries as boundaries_module
 from shared.clinical.boundaries import (
     Boundary,
     InvalidDesign,
@@ -23,6 +24,14 @@ from shared.clinical.boundaries import (
 )
 
 CONTRACT_KEYS = {"method", "params", "looks", "p_stop_p0", "p_stop_p1", "expected_n_p0", "expected_n_p1"}
+
+
+@pytest.fixture(autouse=True)
+def computed_afresh() -> None:
+    """Every boundary computed anew: one cached by an earlier test (or by the clean run a mutation
+    tool forks its mutants from) would hide a change to the code that computes it."""
+    for cached in (boundaries_module._pocock_at, boundaries_module.bayes, boundaries_module._increment):
+        cached.cache_clear()
 
 
 # --- (a) clinfun::toxbdry(0.2, 0.35, c(20, 40, 60, 75)), DOMAIN.md section f ----------------------
@@ -177,6 +186,40 @@ def test_invalid_designs_name_the_argument() -> None:
         with pytest.raises(InvalidDesign) as caught:
             call()
         assert caught.value.argument == argument
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: pocock(0.3, 0.2, 30), "p1: must be above p0 (0.3), got 0.2"),
+    (lambda: pocock(0.2, 0.2, 30), "p1: must be above p0 (0.2), got 0.2"),
+    (lambda: pocock(0.2, 1.0, 30), "p1: must be strictly between 0 and 1, got 1.0"),
+    (lambda: pocock(1.0, None, 30), "p0: must be strictly between 0 and 1, got 1.0"),
+    (lambda: pocock(0.1, 0.2, 1), "n_max: must be at least 2, got 1"),
+    (lambda: pocock(0.1, 0.2, 30, looks=0), "looks: must be at least 1 patient per look, got 0"),
+    (lambda: bayes(0.1, 0.2, 30, prior_b=-1), "prior_b: must be positive, got -1"),
+    (lambda: pocock_at(0.1, 0.2, [5, 5]), "ns: looks must be increasing positive sizes, got [5, 5]"),
+    (lambda: pocock_at(0.1, 0.2, [0, 5]), "ns: looks must be increasing positive sizes, got [0, 5]"),
+    (lambda: pocock_at(0.1, 0.2, []), "ns: looks must be increasing positive sizes, got []"),
+])
+def test_an_invalid_design_says_what_is_wrong_with_it(call, message) -> None:
+    with pytest.raises(InvalidDesign) as caught:
+        call()
+    assert str(caught.value) == message
+
+
+def test_look_sizes_run_up_to_n_max_whatever_the_step() -> None:
+    assert look_sizes(6, 1) == (1, 2, 3, 4, 5, 6)
+    assert look_sizes(7, 3) == (3, 6, 7)
+    assert look_sizes(6, 3) == (3, 6)
+    assert look_sizes(2, 5) == (2,)
+
+
+def test_a_design_without_p1_has_no_operating_characteristics_under_p1() -> None:
+    b = pocock_at(0.2, None, [5, 10])
+    assert (b.p_stop_p1, b.expected_n_p1) == (None, None)
+    assert b.method == "pocock" and 5 <= b.expected_n_p0 <= 10
+    with_p1 = pocock_at(0.2, 0.4, [5, 10])
+    assert with_p1.p_stop_p1 is not None and with_p1.expected_n_p1 is not None
+    assert with_p1.expected_n_p1 < with_p1.expected_n_p0  # stopping comes sooner at the higher rate
 
 
 # --- (e) the CLI ---------------------------------------------------------------------------------
