@@ -11,7 +11,6 @@ from scipy.stats import beta, binom
 from typer.testing import CliRunner
 
 from services.boundaries_cmd import boundaries
-from shared.clinical import boundaries as boundaries_module
 from shared.clinical.boundaries import (
     Boundary,
     InvalidDesign,
@@ -24,14 +23,6 @@ from shared.clinical.boundaries import (
 )
 
 CONTRACT_KEYS = {"method", "params", "looks", "p_stop_p0", "p_stop_p1", "expected_n_p0", "expected_n_p1"}
-
-
-@pytest.fixture(autouse=True)
-def computed_afresh() -> None:
-    """Every boundary computed anew: one cached by an earlier test (or by the clean run a mutation
-    tool forks its mutants from) would hide a change to the code that computes it."""
-    for cached in (boundaries_module._pocock_at, boundaries_module.bayes, boundaries_module._increment):
-        cached.cache_clear()
 
 
 # --- (a) clinfun::toxbdry(0.2, 0.35, c(20, 40, 60, 75)), DOMAIN.md section f ----------------------
