@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from shared.clinical.boundaries import bayes, pocock
 from shared.clinical.stopping import MONITORED_ARM, boundary_for, crossing_alert, evaluate_rule
 from shared.events import alert_id_for
 from shared.protocol import Protocol, StoppingRule
@@ -286,3 +287,14 @@ def test_the_alert_states_the_boundary_at_the_count_it_states(protocol: Protocol
     assert (facts["events"], facts["evaluable"], facts["stop_at"]) == (2, 11, 4) == (
         status.events, status.evaluable, status.stop_at)
     assert (facts["events_at_crossing"], facts["evaluable_at_crossing"], facts["stop_at_crossing"]) == (2, 2, 2)
+
+
+@pytest.mark.parametrize("method", ["pocock", "bayes"])
+def test_a_rule_gets_the_boundary_its_every_parameter_asks_for(method):
+    rule = StoppingRule(id="r", title="r", endpoint="crs_grade_3_plus_2w", method=method, p0=0.15, p1=0.35,
+                        n_max=24, cp0=0.05, looks=4, prior_a=0.5, prior_b=2.0, threshold=0.9)
+    expected = (pocock(0.15, 0.35, 24, 0.05, looks=4) if method == "pocock"
+                else bayes(0.15, 0.35, 24, prior_a=0.5, prior_b=2.0, threshold=0.9, looks=4))
+    assert boundary_for(rule) == expected
+    assert [look.n for look in boundary_for(rule).looks] == [4, 8, 12, 16, 20, 24]
+    assert boundary_for(rule).p_stop_p1 is not None
