@@ -103,17 +103,60 @@ def token_create(
     user: str = typer.Option(..., "--user"),
     role: str = typer.Option(..., "--role", help="site_staff | investigator | dsmb | admin"),
     site: str | None = typer.Option(None, "--site"),
+    expires_in: float | None = typer.Option(None, "--expires-in", metavar="DAYS",
+                                            help="refused after this many days (default: never)"),
 ) -> None:
     """Create an API token; it is printed once, alone on the last line."""
     from services.ingest.tokens_cmd import create_token_cli
 
     try:
-        token = asyncio.run(create_token_cli(_settings(), user, role, site))
+        token = asyncio.run(create_token_cli(_settings(), user, role, site, expires_in))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"token for {user} ({role}{', site ' + site if site else ''}); shown once, store it now:")
+    lasts = f"; expires in {expires_in:g} days" if expires_in is not None else ""
+    typer.echo(f"token for {user} ({role}{', site ' + site if site else ''}{lasts}); shown once, store it now:")
     typer.echo(token)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """Every token by its public id (never the token): user, role, site, created, expires, revoked."""
+    from services.ingest.tokens_cmd import list_tokens_cli
+
+    columns = ("id", "user", "role", "site", "created", "expires", "revoked")
+    rows = [[_cell(t[c]) for c in columns] for t in asyncio.run(list_tokens_cli(_settings()))]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    for line in [list(columns), *rows]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else str(value)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: str | None = typer.Argument(None, metavar="[ID]", help="a token's id from `token list`"),
+    user: str | None = typer.Option(None, "--user", help="revoke every token of this user"),
+) -> None:
+    """Revoke one token, or every token of a user; refused everywhere within 5 seconds."""
+    from services.ingest.tokens_cmd import revoke_tokens_cli
+
+    try:
+        revoked, matching = asyncio.run(revoke_tokens_cli(_settings(), public_id=token_id, user=user))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if matching == 0:
+        typer.echo(f"error: no token {'of user ' + repr(user) if user is not None else repr(token_id)}", err=True)
+        raise typer.Exit(1)
+    for public_id in revoked:
+        typer.echo(f"revoked {public_id}")
+    if len(revoked) < matching:
+        typer.echo(f"{matching - len(revoked)} already revoked")
 
 
 @app.command()
@@ -135,11 +178,15 @@ def replay() -> None:
 
 
 @app.command()
-def verify() -> None:
+def verify(
+    anchor: str | None = typer.Option(
+        None, "--anchor", metavar="POSITION:HASH",
+        help="an audit anchor kept outside the database (a DSMB summary's): the chain must pass through it"),
+) -> None:
     """Check the audit hash chain; exits 1 naming the first bad event."""
     from services.runner import verify_chain
 
-    checked, bad, why = asyncio.run(verify_chain(_settings()))
+    checked, bad, why = asyncio.run(verify_chain(_settings(), anchor=_anchor(anchor) if anchor else None))
     if bad is not None:
         typer.echo(
             f"BROKEN at position {bad.position}: event {bad.event_id} ({bad.type}, stream {bad.stream_id}): {why}",
@@ -149,7 +196,15 @@ def verify() -> None:
     if why:
         typer.echo(f"BROKEN after {checked} events: {why}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"ok: {checked} events, hash chain intact")
+    typer.echo(f"ok: {checked} events, hash chain intact" + (f", passes through the anchor {anchor}" if anchor else ""))
+
+
+def _anchor(text: str) -> tuple[int, str]:
+    position, _, digest = text.strip().partition(":")
+    if not position.isdigit() or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+        typer.echo(f"error: --anchor {text!r} is not POSITION:HASH (a whole number, a colon, 64 hex digits)", err=True)
+        raise typer.Exit(2)
+    return int(position), digest.lower()
 
 
 @app.command("import")

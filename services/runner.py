@@ -201,12 +201,13 @@ async def replay_projections(settings: Settings, *, progress: Callable[[int, int
         await engine.dispose()
 
 
-async def verify_chain(settings: Settings) -> tuple[int, StoredEvent | None, str]:
+async def verify_chain(settings: Settings, *, anchor: tuple[int, str] | None = None,
+                       ) -> tuple[int, StoredEvent | None, str]:
     await migrate_async(settings.resolved_database_url)
     engine = make_engine(settings.resolved_database_url)
     try:
         async with engine.connect() as conn:
-            return await eventstore.verify_chain(conn)
+            return await eventstore.verify_chain(conn, anchor=anchor)
     finally:
         await engine.dispose()
 

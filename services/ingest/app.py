@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest import api, health, problems, web
+from services.ingest.auth import PrincipalCache
 from services.ingest.metrics import Metrics, MetricsMiddleware
 from services.ingest.unit_of_work import UnitOfWork
 from shared.protocol import Protocol, load_protocol
@@ -56,6 +57,7 @@ def create_app(
     app.state.engine = engine
     app.state.protocol = protocol or load_protocol(settings.protocol)
     app.state.clock = now_utc
+    app.state.principals = PrincipalCache(engine, clock=lambda: app.state.clock())
     app.state.metrics = metrics
     app.state.uow = UnitOfWork(engine, lambda: app.state.clock(), on_commit=lambda a: metrics.recorded(a.recorded),
                                tz=app.state.protocol.tz)

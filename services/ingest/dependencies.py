@@ -11,7 +11,7 @@ from fastapi import Depends, Header, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
-from services.ingest.auth import Principal, principal_for
+from services.ingest.auth import Principal
 from services.ingest.domain.errors import FieldProblem
 from services.ingest.idempotency import MAX_KEY_LENGTH, IdempotencyKey, body_hash
 from services.ingest.problems import Problem
@@ -30,13 +30,9 @@ async def authenticated(
     """The token's holder; no token or an unknown one is 401 with a Bearer challenge."""
     if credentials is None or not credentials.credentials.strip():
         raise Problem(401, "send Authorization: Bearer <token>", slug="unauthenticated", headers=CHALLENGE)
-    async with request.app.state.engine.connect() as conn:
-        # One statement, no transaction around it: no BEGIN and ROLLBACK round trips per request
-        # (and on SQLite no write lock taken for a read).
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        principal = await principal_for(conn, credentials.credentials.strip())
+    principal = await request.app.state.principals.principal(credentials.credentials.strip())
     if principal is None:
-        raise Problem(401, "the token is unknown or revoked", slug="unauthenticated",
+        raise Problem(401, "the token is unknown, revoked or expired", slug="unauthenticated",
                       headers={"WWW-Authenticate": CHALLENGE["WWW-Authenticate"] + ', error="invalid_token"'})
     return principal
 

@@ -51,6 +51,7 @@ class NotifyService:
         mailer: Mailer | None = None,
         clock: Callable[[], datetime] = now_utc,
         replica: str | None = None,
+        digest_retry_interval: float = 1.0,
     ) -> None:
         self.names = BusNames(settings.stream_name, settings.subject_prefix)
         self.nats_url = nats_url
@@ -60,6 +61,7 @@ class NotifyService:
         self.protocol = protocol or load_protocol(settings.protocol)
         self.mailer = mailer or SmtpMailer.from_url(smtp_url)
         self.clock = clock
+        self.digest_retry_interval = digest_retry_interval  # seconds between looks for a due retry
         self.investigators = settings.investigator_emails or self.protocol.recipients.investigators
         self.dsmb = settings.dsmb_emails or self.protocol.recipients.dsmb
         self.sender = DeliverySender(
@@ -84,8 +86,8 @@ class NotifyService:
         if event.type in MAILED:
             await process_once(self.engine, DURABLE, event, self._queue)
             self.sender.poke()
-        elif event.type == DIGEST_REQUESTED:
-            await self.digests.send(f"request:{event.event_id}", event.recorded_at)
+        elif event.type == DIGEST_REQUESTED:  # sent now, or queued and retried by digests.run
+            await self.digests.request(f"request:{event.event_id}", event.recorded_at)
 
     async def _scheduled_digest(self) -> None:
         try:
@@ -98,10 +100,11 @@ class NotifyService:
 
     async def after_start(self) -> None:
         self.background.start(self.sender.run(self.background.stop))
+        self.background.start(self.digests.run(self.background.stop, self.digest_retry_interval))
         digest = self.protocol.digest
         self.scheduler.add_job(self._scheduled_digest, CronTrigger.from_crontab(digest.cron, timezone=digest.timezone),
                                id="digest", replace_existing=True, misfire_grace_time=None, coalesce=True)
-        self.scheduler.add_job(self._scheduled_digest, IntervalTrigger(minutes=5), id="digest-retry",
+        self.scheduler.add_job(self._scheduled_digest, IntervalTrigger(minutes=5), id="digest-catch-up",
                                replace_existing=True, coalesce=True)
         self.scheduler.start()
         self.background.start(self._scheduled_digest())

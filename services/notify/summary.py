@@ -44,6 +44,19 @@ class RuleSnapshot:
 
 
 @dataclass(frozen=True)
+class AuditAnchor:
+    """The audit hash chain at the data cutoff: the position and hash of the last event recorded
+    by then. Kept outside the database (in every DSMB mail), it lets ``trialwatch verify --anchor
+    POSITION:HASH`` show that the history up to it has not been rewritten since."""
+
+    position: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.position}:{self.hash}"
+
+
+@dataclass(frozen=True)
 class Summary:
     trial_title: str
     generated_at: datetime
@@ -61,6 +74,7 @@ class Summary:
     agvhd_curves: tuple[Curve, ...]
     stopping_rules: tuple[RuleSnapshot, ...]
     deaths: tuple[Death, ...]
+    audit: AuditAnchor | None = None
 
     @property
     def total_enrolled(self) -> int:
@@ -82,6 +96,7 @@ class Summary:
             "agvhd_cumulative_incidence": [asdict(c) for c in self.agvhd],
             "stopping_rules": [_rule_json(r) for r in self.stopping_rules],
             "deaths": [asdict(d) for d in self.deaths],
+            **({"audit": asdict(self.audit)} if self.audit is not None else {}),
         }
 
 
@@ -107,6 +122,7 @@ def build_summary(
     generated_at: datetime,
     data_cutoff: datetime,
     trial_title: str,
+    audit: AuditAnchor | None = None,
 ) -> Summary:
     """Everything the DSMB digest shows, from outcomes that are already as of ``data_cutoff``.
 
@@ -136,6 +152,7 @@ def build_summary(
         agvhd_curves=tuple(curve for _, curve in agvhd),
         stopping_rules=tuple(rules),
         deaths=deaths(patients),
+        audit=audit,
     )
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events import NewEvent, StoredEvent
-from shared.store.tables import chain_head, events, outbox, patient_heads
+from shared.store.tables import chain_head, events, events_appended, outbox, patient_heads
 
 GENESIS = "0" * 64
 
@@ -376,29 +376,67 @@ async def read_all(conn: AsyncConnection, *, after: int = 0, limit: int = 1000) 
     return [to_stored(r) for r in rows]
 
 
-async def verify_chain(conn: AsyncConnection, *, batch: int = 1000) -> tuple[int, StoredEvent | None, str]:
-    """Walk the chain from the start, then check that it ends where the chain head says.
+Anchor = tuple[int, str]  # (position, hash) of the audit chain, e.g. from a DSMB summary
+
+
+async def anchor_at(conn: AsyncConnection, as_of: datetime) -> Anchor:
+    """The chain's (position, hash) at the last event recorded by ``as_of``; (0, GENESIS) before any."""
+    row = (await conn.execute(
+        select(events.c.position, events.c.hash).where(events.c.recorded_at <= as_of.astimezone(UTC))
+        .order_by(events.c.position.desc()).limit(1)
+    )).first()
+    return (row.position, row.hash) if row is not None else (0, GENESIS)
+
+
+async def verify_chain(
+    conn: AsyncConnection, *, batch: int = 1000, anchor: Anchor | None = None
+) -> tuple[int, StoredEvent | None, str]:
+    """Walk the chain from the start, then check that it ends where the chain head says and holds
+    as many events as were ever appended.
 
     Returns (events checked, first bad event or None, why); ``why`` is empty when the chain is
-    intact. Events deleted from the end leave every remaining link sound: only the head, written
-    in the same transaction as each append, tells (then the bad event is None).
+    intact. Events deleted from the end leave every remaining link sound: the head (written with
+    each append) tells, and so does ``events_appended`` (kept by a trigger, never rewound with the
+    head). With ``anchor`` (a position and hash kept outside the database) the chain must also pass
+    through it: a history rewritten *and* re-hashed up to the head passes every other check.
     """
     prev, checked, after = GENESIS, 0, 0
+    if anchor == (0, GENESIS):
+        anchor = None  # the empty chain's anchor: every chain passes through it
     while True:
         rows = (
             await conn.execute(select(events).where(events.c.position > after).order_by(events.c.position).limit(batch))
         ).all()
         if not rows:
-            head = (await conn.execute(select(chain_head).where(chain_head.c.id == 1))).first()
-            if head is not None and (head.position, head.hash) != (after, prev):
-                return checked, None, (
-                    f"the chain head records its last event at position {head.position}, but the last "
-                    f"event stored is at position {after}: events were deleted from the end")
-            return checked, None, ""
+            return checked, None, await _check_end(conn, checked, after, prev, anchor)
         for row in rows:
             m = dict(row._mapping)
+            if anchor is not None and after < anchor[0] < m["position"]:
+                return checked, None, (f"no event at the anchor's position {anchor[0]} (the chain goes from "
+                                       f"{after} to {m['position']}): it was deleted")
             if m["prev_hash"] != prev:
                 return checked, to_stored(m), "its prev_hash does not match the hash of the event before it"
             if chain_hash(prev, m) != m["hash"]:
                 return checked, to_stored(m), "its content does not match its stored hash"
+            if anchor is not None and m["position"] == anchor[0] and m["hash"] != anchor[1]:
+                return checked, to_stored(m), (
+                    f"the anchor says its hash is {anchor[1]}, the chain now says {m['hash']}: the history "
+                    "up to it was rewritten and re-hashed since the anchor was taken")
             prev, after, checked = m["hash"], m["position"], checked + 1
+
+
+async def _check_end(conn: AsyncConnection, checked: int, last: int, last_hash: str, anchor: Anchor | None) -> str:
+    """Why the end of a sound chain is wrong, or '' (``verify_chain``)."""
+    if anchor is not None and anchor[0] > last:
+        return f"the chain ends at position {last}, before the anchor's position {anchor[0]}: events were deleted"
+    head = (await conn.execute(select(chain_head).where(chain_head.c.id == 1))).first()
+    if head is not None and (head.position, head.hash) != (last, last_hash):
+        return (f"the chain head records its last event at position {head.position}, but the last "
+                f"event stored is at position {last}: events were deleted from the end")
+    appended = (await conn.execute(select(events_appended).where(events_appended.c.id == 1))).first()
+    if appended is None:
+        return "the count of appended events (table events_appended) is missing: it was deleted"
+    if appended.count != checked or appended.last_position > last:
+        return (f"{appended.count} events were appended (the last at position {appended.last_position}), but "
+                f"{checked} are stored, the last at position {last}: events were deleted")
+    return ""

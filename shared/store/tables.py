@@ -123,6 +123,17 @@ patient_heads = Table(
     Column("death_offset_s", Integer, nullable=True),
 )
 
+# How many events were ever appended, and the highest position: kept by a database trigger on
+# insert into ``events`` (migration 0004), never by the append code, so a tail deleted with the chain
+# head rewound to match still shows (``verify_chain``). One row, id 1.
+events_appended = Table(
+    "events_appended",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("count", Position, nullable=False),
+    Column("last_position", Position, nullable=False),
+)
+
 # --- consumers (safety, notify): durable idempotency and the dead-letter place -------------
 processed_messages = Table(
     "processed_messages",
@@ -169,6 +180,7 @@ api_tokens = Table(
     Column("site_id", String(32), nullable=True),
     Column("created_at", Tz, nullable=False),
     Column("revoked_at", Tz, nullable=True),
+    Column("expires_at", Tz, nullable=True),
 )
 
 idempotency_keys = Table(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import hashlib
 import os
 import signal
 import sqlite3
@@ -17,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.ingest.app import create_app
 from shared.embedded_nats import EmbeddedNats, free_port
+from shared.settings import Settings
 from tests.support.clinical import at, crs, enrolment, subject_id
 
 pytestmark = pytest.mark.e2e
@@ -237,6 +241,15 @@ def test_verify_names_the_first_tampered_event_and_replay_rebuilds(cli_env: dict
     assert verified.returncode == 0, verified.stderr
     assert "intact" in verified.stdout
 
+    # An anchor (as a DSMB summary carries it) the chain passes through; one it does not; a typo.
+    with sqlite3.connect(store) as db:
+        position, digest = db.execute("SELECT position, hash FROM events ORDER BY position DESC").fetchone()
+    anchored = run(cli_env, "verify", "--anchor", f"{position}:{digest}")
+    assert anchored.returncode == 0 and "anchor" in anchored.stdout, anchored.stderr
+    elsewhere = run(cli_env, "verify", "--anchor", f"{position}:{'0' * 64}")
+    assert elsewhere.returncode == 1 and f"position {position}" in elsewhere.stderr and "rewritten" in elsewhere.stderr
+    assert run(cli_env, "verify", "--anchor", f"{position}-{digest}").returncode == 2
+
     replayed = run(cli_env, "replay")
     assert replayed.returncode == 0, replayed.stderr
     assert "1 patients" in replayed.stdout
@@ -248,6 +261,49 @@ def test_verify_names_the_first_tampered_event_and_replay_rebuilds(cli_env: dict
     broken = run(cli_env, "verify")
     assert broken.returncode == 1
     assert event_id in broken.stderr
+
+
+def test_tokens_are_listed_by_id_revoked_by_id_or_user_and_then_refused(cli_env: dict[str, str]) -> None:
+    def create(user: str, *extra: str) -> str:
+        created = run(cli_env, "token", "create", "--user", user, "--role", "investigator", *extra)
+        assert created.returncode == 0, created.stderr
+        return created.stdout.strip().splitlines()[-1]
+
+    locum, chen_1, chen_2 = create("locum", "--expires-in", "7"), create("dr.chen"), create("dr.chen")
+    ids = {t: hashlib.sha256(t.encode()).hexdigest()[:12] for t in (locum, chen_1, chen_2)}
+
+    # The list names each token by id, with its expiry; never the token nor its whole hash.
+    listed = run(cli_env, "token", "list")
+    assert listed.returncode == 0, listed.stderr
+    header, *lines = listed.stdout.splitlines()
+    assert header.split() == ["id", "user", "role", "site", "created", "expires", "revoked"]
+    rows = {line.split()[0]: line.split() for line in lines}
+    assert set(rows) == set(ids.values())
+    assert rows[ids[locum]][5] != "-" and rows[ids[chen_1]][5] == "-"
+    assert all(t not in listed.stdout and hashlib.sha256(t.encode()).hexdigest() not in listed.stdout for t in ids)
+
+    # One token by its id, then every token of a user.
+    revoked = run(cli_env, "token", "revoke", ids[locum])
+    assert revoked.returncode == 0 and f"revoked {ids[locum]}" in revoked.stdout
+    by_user = run(cli_env, "token", "revoke", "--user", "dr.chen")
+    assert by_user.returncode == 0 and sorted(by_user.stdout.split()[1::2]) == sorted([ids[chen_1], ids[chen_2]])
+    assert all(run(cli_env, "token", "list").stdout.count(i) == 1 for i in ids.values())
+    assert all(line.split()[6] != "-" for line in run(cli_env, "token", "list").stdout.splitlines()[1:])
+
+    # An unknown id is an error naming it; a malformed one is a usage error.
+    unknown = run(cli_env, "token", "revoke", "0" * 12)
+    assert unknown.returncode == 1 and "000000000000" in unknown.stderr
+    assert run(cli_env, "token", "revoke", "not-an-id").returncode == 2
+
+    # The API (a fresh process: nothing cached) refuses all three.
+    async def statuses() -> list[int]:
+        app = create_app(Settings(data_dir=Path(cli_env["TRIALWATCH_DATA_DIR"])))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            answers = [await client.get("/v1/alerts", headers={"Authorization": f"Bearer {t}"}) for t in ids]
+        await app.state.engine.dispose()
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(statuses()) == [401, 401, 401]
 
 
 def test_a_bad_protocol_file_is_refused_at_start_with_every_problem_named(

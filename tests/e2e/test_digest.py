@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from services.notify.capture import MailCapture
 from services.runner import send_digest_now
 from shared.settings import Settings
-from shared.store.tables import digests
+from shared.store.tables import dead_letters, digests
 from tests.support.clinical import at, dose, enrolment, subject_id
 from tests.support.system import DSMB, INVESTIGATORS, RunningSystem, equals, eventually
 
@@ -75,6 +76,47 @@ async def test_an_admin_asks_for_the_summary_and_only_the_dsmb_receives_it(syste
     # Nothing else follows (the refused request sent nothing; the request is sent once).
     await asyncio.sleep(1.0)
     assert len(summaries(system.capture)) == 1
+
+
+async def test_a_requested_summary_outlasts_an_smtp_outage_longer_than_any_give_up_and_arrives_once(
+    system: RunningSystem,
+) -> None:
+    # SMTP goes down; retries are made fast (the backoff is the only clock here).
+    await system.capture.stop()
+    system.notify.digests.max_backoff = timedelta(milliseconds=50)
+    async with system.client("admin") as client:
+        accepted = await client.post("/v1/digests")
+    assert accepted.status_code == 202, accepted.text
+    key = f"request:{accepted.json()['request_id']}"
+
+    async def row() -> Any:
+        async with system.engine.connect() as conn:
+            return (await conn.execute(select(digests).where(digests.c.period_key == key))).first()
+
+    async def dead() -> int:
+        async with system.engine.connect() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(dead_letters)) or 0)
+
+    # More failed tries than a message may fail before it is dead-lettered: still waiting, no dead letter.
+    async def retried_past_the_give_up() -> bool:
+        current = await row()
+        return current is not None and current.attempts > system.settings.max_deliver + 2
+    await eventually(retried_past_the_give_up, timeout=60)
+    assert (await row()).status == "sending"
+    assert await dead() == 0 and summaries(system.capture) == []
+
+    # SMTP is back: exactly one summary arrives, the request is settled as sent, nothing dead.
+    await system.capture.start()
+    [mail] = await eventually(lambda: summaries(system.capture), timeout=30)
+    assert addressees(mail) == sorted(DSMB)
+    assert await eventually(lambda: equals(_status(row()), "sent"), timeout=10)
+    await asyncio.sleep(1.0)  # a second copy would be in by now
+    assert len(summaries(system.capture)) == 1 and await dead() == 0
+
+
+async def _status(row: Any) -> str | None:
+    current = await row
+    return None if current is None else str(current.status)
 
 
 async def test_digest_send_from_the_command_line_sends_one_mail_through_the_given_smtp_url(

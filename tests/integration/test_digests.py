@@ -29,8 +29,8 @@ from services.notify.mailer import Mailer, MailerUnavailable, SmtpMailer
 from shared.clinical.grading import derive_data
 from shared.events import PATIENT_ENROLLED, ClinicalEventBody, Enrolment, NewEvent, patient_stream
 from shared.protocol import Protocol
-from shared.store.eventstore import append, now_utc
-from shared.store.tables import digests
+from shared.store.eventstore import append, now_utc, utc
+from shared.store.tables import digests, events
 
 DSMB = ["dsmb-chair@trial.test", "dsmb-statistician@trial.test"]
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -262,6 +262,42 @@ async def test_smtp_down_leaves_the_period_unsent_and_a_later_retry_sends_it_onc
         await capture.stop()
 
 
+async def test_a_requested_summary_waits_out_a_long_smtp_outage_with_backoff_and_goes_out_once(
+    engine: AsyncEngine, protocol: Protocol, data_dir: Path
+) -> None:
+    capture = await stopped_capture(data_dir)
+    clock, key = Clock(now_utc()), period()
+    notifier = replica(engine, protocol, SmtpMailer.from_url(capture.url, timeout=2), clock, "notifier")
+
+    # The request finds the server down: queued, not raised (its message is acked, never dead-lettered).
+    assert await notifier.request(key, clock()) == "queued"
+
+    # Each failure pushes the next try further off, 2^n s up to the cap; nothing gives up.
+    waits = []
+    for _ in range(12):
+        row = await row_of(engine, key)
+        waits.append((utc(row.claimed_until) - clock()).total_seconds())
+        clock.set(utc(row.claimed_until))
+        await notifier.retry_unsent()
+    assert waits[:4] == [2, 4, 8, 16] and waits[-1] == notifier.max_backoff.total_seconds() == 300
+    row = await row_of(engine, key)
+    assert (row.status, row.attempts) == ("sending", 13) and "MailerUnavailable" in row.last_error
+    assert await notifier.request(key, clock()) == "busy"  # a redelivered request waits its turn
+
+    # The server is back: the next due retry sends it, once, with the cutoff of the request.
+    await capture.start()
+    try:
+        clock.set(utc(row.claimed_until))
+        await notifier.retry_unsent()
+        await notifier.retry_unsent()
+        [mail] = await mails_of(engine, capture, key)
+        assert (await row_of(engine, key)).status == "sent"
+        assert await notifier.request(key, clock()) == "already_sent"
+        assert len(await mails_of(engine, capture, key)) == 1
+    finally:
+        await capture.stop()
+
+
 async def test_digest_send_that_fails_says_so_and_leaves_nothing_to_go_out_later(
     engine: AsyncEngine, protocol: Protocol, data_dir: Path
 ) -> None:
@@ -382,7 +418,7 @@ async def record(engine: AsyncEngine, subject: str, body: dict[str, Any], protoc
                      recorded_at=(recorded or parsed.occurred_at).astimezone(UTC))
 
 
-CONTRACT_KEYS = {"generated_at", "data_cutoff", "enrolled", "incidences", "survival", "stopping_rules"}
+CONTRACT_KEYS = {"generated_at", "data_cutoff", "enrolled", "incidences", "survival", "stopping_rules", "audit"}
 INCIDENCE_KEYS = {"name", "arm", "events", "evaluable", "rate", "ci_low", "ci_high"}
 SURVIVAL_KEYS = {"endpoint", "arm", "n", "events", "median_days", "at_3y", "ci_low", "ci_high"}
 RULE_KEYS = {"rule_id", "evaluable", "events", "stop_at", "crossed"}
@@ -442,6 +478,12 @@ async def test_the_summary_mail_shows_the_store_as_recorded_by_its_cutoff(
     assert (os_by_arm["blinatumomab_dli"]["n"], os_by_arm["blinatumomab_dli"]["events"]) == (2, 0)
     assert document["deaths"] == []
 
+    # The audit anchor: the chain at the last event recorded by the cutoff (the 5th of this store),
+    # in summary.json and in the text, as the argument `trialwatch verify --anchor` takes.
+    anchor = {"position": 5, "hash": await hash_at(own_engine, 5)}
+    assert document["audit"] == anchor
+    assert f"verify --anchor {anchor['position']}:{anchor['hash']}" in plain.get_content()
+
     # The late entries are in the store: a summary cut after them counts them.
     later = await service.send(f"manual:{uuid.uuid4()}", after + timedelta(minutes=1))
     assert later == "sent"
@@ -450,3 +492,9 @@ async def test_the_summary_mail_shows_the_store_as_recorded_by_its_cutoff(
     os_by_arm = {s["arm"]: s for s in document["survival"] if s["endpoint"] == "os"}
     assert os_by_arm["blinatumomab_dli"]["events"] == 1
     assert [d["subject_id"] for d in document["deaths"]] == ["S02-002"]
+    assert document["audit"] == {"position": 7, "hash": await hash_at(own_engine, 7)}
+
+
+async def hash_at(engine: AsyncEngine, position: int) -> str:
+    async with engine.connect() as conn:
+        return str(await conn.scalar(select(events.c.hash).where(events.c.position == position)))

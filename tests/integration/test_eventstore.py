@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import delete, select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.events import NewEvent, patient_stream
 from shared.store import eventstore
-from shared.store.tables import events, outbox
+from shared.store.tables import chain_head, events, outbox
 
 
 def new(type_: str = "follow_up", **data: object) -> NewEvent:
@@ -125,3 +125,101 @@ async def test_positions_follow_the_chain_head_and_the_database_sequence_keeps_u
             last = await conn.scalar(text("select last_value from " + (await conn.scalar(
                 text("select pg_get_serial_sequence('events', 'position')")))))
         assert last >= second[-1].position
+
+
+# --------------------------------------------------------------------------- an attacker with database access
+
+
+async def rehash_from(conn: AsyncConnection, position: int, data: dict[str, object]) -> None:
+    """What someone with write access to the database can do: change an event's data, then
+    recompute every later hash and the chain head, so that every link checks out again."""
+    await conn.execute(update(events).where(events.c.position == position).values(data=data))
+    prev = eventstore.GENESIS
+    for row in (await conn.execute(select(events).order_by(events.c.position))).all():
+        m = dict(row._mapping)
+        if m["position"] >= position:
+            m["prev_hash"], m["hash"] = prev, eventstore.chain_hash(prev, m)
+            await conn.execute(update(events).where(events.c.position == m["position"])
+                               .values(prev_hash=m["prev_hash"], hash=m["hash"]))
+        prev, last = m["hash"], m["position"]
+    await conn.execute(update(chain_head).where(chain_head.c.id == 1).values(position=last, hash=prev))
+
+
+async def test_a_history_rewritten_and_rehashed_passes_plain_verify_but_not_the_anchor(own_engine: AsyncEngine) -> None:
+    async with own_engine.begin() as conn:
+        early = await eventstore.append(conn, stream(), [new(grade=3), new(n=2)])
+    async with own_engine.connect() as conn:  # a DSMB summary is cut here and mailed
+        anchor = await eventstore.anchor_at(conn, eventstore.now_utc())
+    assert anchor == (early[-1].position, (await read_hash(own_engine, early[-1].position)))
+    async with own_engine.begin() as conn:
+        await eventstore.append(conn, stream(), [new(n=3), new(n=4)])
+    async with own_engine.connect() as conn:
+        assert await eventstore.verify_chain(conn, anchor=anchor) == (4, None, "")
+
+    # The grade 3 becomes a grade 1, and everything after it is re-hashed.
+    async with own_engine.begin() as conn:
+        await rehash_from(conn, early[0].position, {"grade": 1})
+
+    async with own_engine.connect() as conn:
+        assert await eventstore.verify_chain(conn) == (4, None, "")  # every link sound
+        checked, bad, why = await eventstore.verify_chain(conn, anchor=anchor)
+    assert bad is not None and bad.position == anchor[0] and checked == 1
+    assert "rewritten" in why and anchor[1] in why
+
+
+async def test_an_anchor_past_the_end_of_the_chain_fails(own_engine: AsyncEngine) -> None:
+    async with own_engine.connect() as conn:
+        assert await eventstore.anchor_at(conn, eventstore.now_utc()) == (0, eventstore.GENESIS)
+        assert await eventstore.verify_chain(conn, anchor=(0, eventstore.GENESIS)) == (0, None, "")
+    async with own_engine.begin() as conn:
+        [only] = await eventstore.append(conn, stream(), [new()])
+    async with own_engine.connect() as conn:
+        _, bad, why = await eventstore.verify_chain(conn, anchor=(only.position + 1, "a" * 64))
+    assert bad is None and f"before the anchor's position {only.position + 1}" in why
+
+
+async def test_a_deleted_tail_with_the_head_rewound_to_match_is_caught(own_engine: AsyncEngine) -> None:
+    async with own_engine.begin() as conn:
+        stored = await eventstore.append(conn, stream(), [new(n=1), new(n=2), new(n=3)])
+    kept = stored[0]
+    async with own_engine.begin() as conn:
+        await conn.execute(delete(events).where(events.c.position > kept.position))
+        await conn.execute(delete(outbox))  # long published by the relay
+        await conn.execute(update(chain_head).where(chain_head.c.id == 1)
+                           .values(position=kept.position, hash=await read_hash(own_engine, kept.position, conn)))
+
+    async with own_engine.connect() as conn:
+        checked, bad, why = await eventstore.verify_chain(conn)
+    assert (checked, bad) == (1, None)
+    assert "3 events were appended" in why and f"position {stored[-1].position}" in why
+
+    # Appending again does not hide it (SQLite hands the freed positions out again).
+    async with own_engine.begin() as conn:
+        await eventstore.append(conn, stream(), [new(n=4), new(n=5)])
+    async with own_engine.connect() as conn:
+        _, _, why = await eventstore.verify_chain(conn)
+    assert "5 events were appended" in why and "3 are stored" in why
+
+
+async def test_an_append_rolled_back_is_not_counted_as_appended(own_engine: AsyncEngine) -> None:
+    sid = stream()
+    async with own_engine.begin() as conn:
+        await eventstore.append(conn, sid, [new()])
+    with pytest.raises(eventstore.WrongExpectedVersion):
+        async with own_engine.begin() as conn:
+            await eventstore.append(conn, stream(), [new(), new()])
+            await eventstore.append(conn, sid, [new()], expected_version=0)  # fails: the whole transaction goes
+    with pytest.raises(eventstore.DuplicateEvent):
+        async with own_engine.begin() as conn:
+            await eventstore.append(conn, stream(), [new(), new()])
+            twice = new()
+            await eventstore.append(conn, stream(), [twice, twice])  # the same event id: refused
+    async with own_engine.connect() as conn:
+        assert await eventstore.verify_chain(conn) == (1, None, "")
+
+
+async def read_hash(engine: AsyncEngine, position: int, conn: AsyncConnection | None = None) -> str:
+    if conn is not None:
+        return str(await conn.scalar(select(events.c.hash).where(events.c.position == position)))
+    async with engine.connect() as own:
+        return str(await own.scalar(select(events.c.hash).where(events.c.position == position)))

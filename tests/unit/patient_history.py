@@ -32,14 +32,14 @@ def midnight(day: date) -> datetime:
 
 class History:
     def __init__(self, *, arm: str = "blinatumomab_dli", cohort: str = "hematologic_relapse",
-                 enrolled: date = date(2025, 3, 3), weight_kg: float = 61.5,
+                 enrolled: date = date(2025, 3, 3), weight_kg: float = 61.5, age_years: float = 34,
                  override: dict[str, str] | None = None) -> None:
         self.subject_id = f"S-{uuid.uuid4().hex[:8]}"
         self.cohort = cohort
         self.events: list[StoredEvent] = []
         self._recorded = datetime(2025, 1, 1, tzinfo=UTC)
         self.enrolment = self.record("patient_enrolled", at(enrolled, 8), {
-            "subject_id": self.subject_id, "site_id": "S01", "arm": arm, "age_years": 34,
+            "subject_id": self.subject_id, "site_id": "S01", "arm": arm, "age_years": age_years,
             "weight_kg": weight_kg, "cohort": cohort, "transplant_date": "2024-06-02",
             "relapse_date": "2025-02-20", "eligibility": ELIGIBLE, "eligibility_override": override,
         })
@@ -61,9 +61,9 @@ class History:
         self._recorded = max(self._recorded, on)
 
     def dose(self, course: int, day: int, when: datetime, dose_ug: float | None = None) -> StoredEvent:
-        scheduled = PROTOCOL.cohorts[self.cohort].doses_for(course, day)[0]  # type: ignore[index]
-        return self.record("blinatumomab_dose", when, {
-            "course": course, "day": day, "dose_ug": dose_ug if dose_ug is not None else scheduled})
+        if dose_ug is None:
+            dose_ug = PROTOCOL.cohorts[self.cohort].doses_for(course, day)[0]  # type: ignore[index]
+        return self.record("blinatumomab_dose", when, {"course": course, "day": day, "dose_ug": dose_ug})
 
     def course(self, number: int, day1: date, days: int) -> list[StoredEvent]:
         """Daily doses on schedule, days 1..``days``, each at 09:00."""

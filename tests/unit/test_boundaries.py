@@ -179,6 +179,40 @@ def test_invalid_designs_name_the_argument() -> None:
         assert caught.value.argument == argument
 
 
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: pocock(0.3, 0.2, 30), "p1: must be above p0 (0.3), got 0.2"),
+    (lambda: pocock(0.2, 0.2, 30), "p1: must be above p0 (0.2), got 0.2"),
+    (lambda: pocock(0.2, 1.0, 30), "p1: must be strictly between 0 and 1, got 1.0"),
+    (lambda: pocock(1.0, None, 30), "p0: must be strictly between 0 and 1, got 1.0"),
+    (lambda: pocock(0.1, 0.2, 1), "n_max: must be at least 2, got 1"),
+    (lambda: pocock(0.1, 0.2, 30, looks=0), "looks: must be at least 1 patient per look, got 0"),
+    (lambda: bayes(0.1, 0.2, 30, prior_b=-1), "prior_b: must be positive, got -1"),
+    (lambda: pocock_at(0.1, 0.2, [5, 5]), "ns: looks must be increasing positive sizes, got [5, 5]"),
+    (lambda: pocock_at(0.1, 0.2, [0, 5]), "ns: looks must be increasing positive sizes, got [0, 5]"),
+    (lambda: pocock_at(0.1, 0.2, []), "ns: looks must be increasing positive sizes, got []"),
+])
+def test_an_invalid_design_says_what_is_wrong_with_it(call, message) -> None:
+    with pytest.raises(InvalidDesign) as caught:
+        call()
+    assert str(caught.value) == message
+
+
+def test_look_sizes_run_up_to_n_max_whatever_the_step() -> None:
+    assert look_sizes(6, 1) == (1, 2, 3, 4, 5, 6)
+    assert look_sizes(7, 3) == (3, 6, 7)
+    assert look_sizes(6, 3) == (3, 6)
+    assert look_sizes(2, 5) == (2,)
+
+
+def test_a_design_without_p1_has_no_operating_characteristics_under_p1() -> None:
+    b = pocock_at(0.2, None, [5, 10])
+    assert (b.p_stop_p1, b.expected_n_p1) == (None, None)
+    assert b.method == "pocock" and 5 <= b.expected_n_p0 <= 10
+    with_p1 = pocock_at(0.2, 0.4, [5, 10])
+    assert with_p1.p_stop_p1 is not None and with_p1.expected_n_p1 is not None
+    assert with_p1.expected_n_p1 < with_p1.expected_n_p0  # stopping comes sooner at the higher rate
+
+
 # --- (e) the CLI ---------------------------------------------------------------------------------
 
 app = typer.Typer()
@@ -231,3 +265,51 @@ def test_cli_rejects_bad_arguments_naming_them(args: list[str], named: str) -> N
     result = runner.invoke(app, ["boundaries", *args])
     assert result.exit_code == 2
     assert named in result.output
+
+
+# --- the Pocock search against a plain scan over every candidate alpha --------------------------
+
+def scanned_pocock(p0: float, ns: list[int], cp0: float) -> tuple[float, list[int | None]]:
+    """The largest nominal alpha (a tail probability of some look) whose boundary crosses with
+    probability <= cp0 under p0, found by trying every candidate: what the bisection must find."""
+    tails = sorted({float(binom.sf(b - 1, n, p0)) for n in ns for b in range(n + 2)})
+    best: tuple[float, list[int | None]] = (0.0, [None] * len(ns))
+    for alpha in (t for t in tails if 0 < t <= cp0):
+        stop_at = [next((b for b in range(n + 1) if binom.sf(b - 1, n, p0) <= alpha), None) for n in ns]
+        looks = [Look(n, s) for n, s in zip(ns, stop_at, strict=True)]
+        if crossing_probabilities(looks, p0)[0] <= cp0 and alpha > best[0]:
+            best = (alpha, stop_at)
+    return best
+
+
+def searched(p0: float, ns: list[int], cp0: float) -> tuple[float, list[int | None]]:
+    b = pocock_at(p0, None, ns, cp0)
+    return b.params["alpha"], [look.stop_at for look in b.looks]
+
+
+@pytest.mark.parametrize(("p0", "ns", "cp0"), [
+    (0.1, [5], 0.1), (0.2, [3, 6], 0.05), (0.3, [2, 4, 6, 8], 0.2), (0.15, list(range(1, 13)), 0.1),
+    (0.05, [10, 20], 0.01), (0.4, [1, 2, 3], 0.5), (0.25, [4, 9, 15], 0.02),
+])
+def test_the_pocock_bisection_finds_what_a_scan_of_every_candidate_finds(p0, ns, cp0) -> None:
+    alpha, stop_at = searched(p0, ns, cp0)
+    expected_alpha, expected_stop_at = scanned_pocock(p0, ns, cp0)
+    assert alpha == pytest.approx(expected_alpha, rel=1e-12) and stop_at == expected_stop_at
+
+
+def test_the_pocock_search_takes_the_smallest_candidate_when_only_it_qualifies() -> None:
+    # cp0 set to the crossing probability of the strictest boundary: only the first candidate fits.
+    p0, ns = 0.2, [5, 10]
+    smallest = min(t for n in ns for b in range(n + 2) if (t := float(binom.sf(b - 1, n, p0))) > 0)
+    strictest = [next((b for b in range(n + 1) if binom.sf(b - 1, n, p0) <= smallest), None) for n in ns]
+    cp0 = crossing_probabilities([Look(n, s) for n, s in zip(ns, strictest, strict=True)], p0)[0]
+
+    assert searched(p0, ns, cp0) == scanned_pocock(p0, ns, cp0)
+    assert searched(p0, ns, cp0)[0] == pytest.approx(smallest, rel=1e-12)
+
+
+def test_the_pocock_search_never_stops_when_no_candidate_qualifies() -> None:
+    p0, ns = 0.5, [2, 4]
+    smallest = min(t for n in ns for b in range(n + 2) if (t := float(binom.sf(b - 1, n, p0))) > 0)
+    b = pocock_at(p0, None, ns, smallest / 2)
+    assert b.params["alpha"] == 0.0 and [look.stop_at for look in b.looks] == [None, None]

@@ -44,6 +44,7 @@ def stored(type_: str, version: int, occurred_at: datetime = NOW, **data: object
 
 def test_an_eligible_patient_fails_nothing_and_each_failure_is_named() -> None:
     assert failed_criteria(enrolment(), max_age_years=65) == []
+    assert failed_criteria(enrolment(age_years=65), max_age_years=65) == []  # the limit is "over 65"
     failed = failed_criteria(enrolment(age_years=65.5, eligibility=CLEAN | {"stable_vital_signs": False,
                                                                             "drug_allergy": True}), max_age_years=65)
     assert [p.path for p in failed] == ["age_years", "eligibility.stable_vital_signs", "eligibility.drug_allergy"]

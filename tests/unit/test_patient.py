@@ -377,3 +377,70 @@ def test_outcome_of_a_usual_care_patient_starts_at_enrolment():
     assert outcome.origin == date(2025, 3, 3)
     assert outcome.withdrawn_date == outcome.last_contact == date(2025, 5, 1)
     assert (outcome.courses, outcome.doses, outcome.dlis) == (0, 0, 0)
+
+
+# ---------------------------------------------------------------------------- endpoint edges
+
+def on_course_1() -> History:
+    h = History()
+    h.course(1, DAY1, 10)
+    return h
+
+
+@pytest.mark.parametrize(("grade", "counts"), [(2, False), (3, True)])
+def test_an_infection_of_grade_3_exactly_counts_as_grade_3_or_more(grade, counts):
+    h = on_course_1()
+    h.infection(at(day(5)), grade)
+    state = h.fold(at(day(20)))
+    assert state.endpoint("infection_grade_3_plus_2w") is counts
+    assert state.endpoint("infection_any_2w") is True
+
+
+@pytest.mark.parametrize(("cause", "infection", "crs"), [("infection", True, False), ("crs", False, True),
+                                                          ("relapse", False, False)])
+def test_a_death_from_infection_or_crs_is_that_event_at_grade_5(cause, infection, crs):
+    h = on_course_1()
+    h.death(at(day(6)), cause=cause)
+    state = h.fold(at(day(20)))
+    assert state.endpoint("infection_grade_3_plus_2w", count_dead=True) is infection
+    assert state.endpoint("crs_grade_3_plus_2w", count_dead=True) is crs
+
+
+def test_chronic_gvhd_is_not_acute_gvhd():
+    h = on_course_1()
+    h.dli(at(DLI_DAY))
+    h.cgvhd(at(DLI_DAY + timedelta(days=30)))
+    state = h.fold(at(DLI_DAY + timedelta(days=120)))
+    assert state.endpoint("cgvhd_any_100d") is True
+    assert state.endpoint("agvhd_any_100d") is False
+    assert state.outcome().agvhd_onset is None
+
+
+def test_leaving_at_the_moment_a_window_closes_leaves_it_evaluable():
+    at_close, before = on_course_1(), on_course_1()
+    closes = at(day(15), 0)
+    at_close.withdrawal(closes)
+    before.withdrawal(closes - timedelta(seconds=1))
+    assert at_close.fold(at(day(20))).endpoint("crs_any_2w") is False
+    assert before.fold(at(day(20))).endpoint("crs_any_2w") is None
+
+
+def test_a_relapse_on_day_1_and_acute_gvhd_at_the_moment_of_the_dli_count_for_the_outcome():
+    h = History()
+    h.relapse(at(DAY1, 8))
+    h.course(1, DAY1, 10)
+    h.dli(at(DLI_DAY, 10))
+    h.agvhd(at(DLI_DAY, 10), 2)
+    outcome = h.fold(at(DLI_DAY + timedelta(days=30))).outcome()
+    assert outcome.relapse_date == DAY1
+    assert outcome.agvhd_onset == outcome.agvhd_2_4_onset == DLI_DAY
+
+
+def test_a_usual_care_patient_dosed_in_error_still_starts_at_enrolment():
+    h = History(arm="usual_care", enrolled=date(2025, 3, 3))
+    h.dose(1, 1, at(DAY1))
+    outcome = h.fold(at(date(2025, 6, 1))).outcome()
+    assert outcome.origin == date(2025, 3, 3)
+    assert (outcome.subject_id, outcome.site_id, outcome.arm, outcome.cohort) == (
+        h.subject_id, "S01", "usual_care", "hematologic_relapse")
+    assert outcome.enrolled_at == h.enrolment.occurred_at

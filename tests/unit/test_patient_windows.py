@@ -52,6 +52,51 @@ def test_day_14_23_59_local_is_in_the_2_week_window_and_day_15_00_00_is_out():
     assert only(outside.fold(now), "crs_low_grade").facts["counts_toward"] == []
 
 
+def test_day_1_is_in_the_2_week_window_and_the_day_before_is_not():
+    on_day1, before = History(), History()
+    for h in (on_day1, before):
+        h.dose(1, 1, at(DAY1, 9))
+    on_day1.crs(midnight(DAY1), 2)  # 00:00 on day 1, before the dose: still day 1
+    before.crs(at(DAY1 - timedelta(days=1), 23, 59), 2)
+    now = at(day(20))
+    assert on_day1.fold(now).endpoint("crs_any_2w") is True
+    assert before.fold(now).endpoint("crs_any_2w") is False
+
+
+def test_the_window_opens_at_the_midnight_starting_day_1():
+    h = History()
+    h.dose(1, 1, at(DAY1, 9))
+    assert h.fold(midnight(DAY1) - timedelta(seconds=1)).public()["windows"]["day14"]["status"] == "not_started"
+    assert h.fold(midnight(DAY1)).public()["windows"]["day14"]["status"] == "open"
+
+
+def test_a_patient_who_left_before_any_dose_needs_no_assessment():
+    died, waiting = History(), History()
+    died.death(at(DAY1))
+    windows = died.fold(at(day(30))).public()["windows"]
+    assert windows["day14"]["status"] == windows["day100"]["status"] == "not_required"
+    assert waiting.fold(at(day(30))).public()["windows"]["day14"]["status"] == "not_started"
+
+
+def test_gvhd_on_the_dli_day_is_in_the_100_day_window():
+    h = treated()
+    h.dli(at(DLI_DAY, 14))
+    h.agvhd(midnight(DLI_DAY), 3)
+    assert h.fold(at(DLI_DAY + timedelta(days=120))).endpoint("agvhd_grade_3_4_100d") is True
+
+
+def test_an_assessment_on_day_1_counts_for_the_window_and_one_the_day_before_does_not():
+    on_day1, before = History(), History()
+    on_day1.assessment(midnight(DAY1), "day14")
+    before.assessment(at(DAY1 - timedelta(days=1), 23, 59), "day14")
+    for h in (on_day1, before):
+        h.course(1, DAY1, 10)
+    assert on_day1.fold(DAY14_OVERDUE).public()["windows"]["day14"]["status"] == "completed"
+    assert "assessment_overdue" not in kinds(on_day1.fold(DAY14_OVERDUE))
+    assert before.fold(DAY14_OVERDUE).public()["windows"]["day14"]["status"] == "overdue"
+    assert "assessment_overdue" in kinds(before.fold(DAY14_OVERDUE))
+
+
 def test_the_100_day_window_runs_from_the_dli_day_for_gvhd():
     inside, outside = treated(), treated()
     for h in (inside, outside):
@@ -121,6 +166,27 @@ def test_withdrawal_before_the_deadline_means_no_overdue_alert():
     h = treated()
     h.withdrawal(at(day(16)))
     assert kinds(h.fold(DAY14_OVERDUE)) == ["withdrawal"]
+
+
+@pytest.mark.parametrize("leaves", ["death", "withdrawal"])
+def test_leaving_exactly_at_the_overdue_midnight_is_too_late_and_a_second_before_is_not(leaves):
+    at_deadline, just_before = treated(), treated()
+    getattr(at_deadline, leaves)(DAY14_OVERDUE)
+    getattr(just_before, leaves)(DAY14_OVERDUE - timedelta(seconds=1))
+    later = DAY14_OVERDUE + timedelta(days=1)
+
+    assert "assessment_overdue" in kinds(at_deadline.fold(later))
+    assert at_deadline.fold(later).public()["windows"]["day14"]["status"] == "overdue"
+    assert "assessment_overdue" not in kinds(just_before.fold(later))
+    assert just_before.fold(later).public()["windows"]["day14"]["status"] == "not_required"
+
+
+def test_an_assessment_exactly_at_the_overdue_midnight_is_late():
+    at_deadline, just_before = treated(), treated()
+    at_deadline.assessment(DAY14_OVERDUE, "day14")
+    just_before.assessment(DAY14_OVERDUE - timedelta(seconds=1), "day14")
+    assert "assessment_overdue" in kinds(at_deadline.fold(DAY14_OVERDUE))
+    assert "assessment_overdue" not in kinds(just_before.fold(DAY14_OVERDUE))
 
 
 def test_death_after_the_deadline_leaves_the_overdue_alert():

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from shared.clinical.boundaries import bayes, pocock
 from shared.clinical.stopping import (
     MONITORED_ARM,
     boundary_for,
@@ -337,3 +338,14 @@ def test_the_rules_over_rows_written_once_agree_with_the_rules_over_every_fold_a
 def test_a_rule_that_cannot_count_a_patient_says_so(protocol: Protocol) -> None:
     [status, *_] = evaluate_inputs(protocol, [], now=T0, uncounted=["S01-009"])
     assert status.status == "incomplete" and status.public()["uncounted_subjects"] == ["S01-009"]
+
+
+@pytest.mark.parametrize("method", ["pocock", "bayes"])
+def test_a_rule_gets_the_boundary_its_every_parameter_asks_for(method):
+    rule = StoppingRule(id="r", title="r", endpoint="crs_grade_3_plus_2w", method=method, p0=0.15, p1=0.35,
+                        n_max=24, cp0=0.05, looks=4, prior_a=0.5, prior_b=2.0, threshold=0.9)
+    expected = (pocock(0.15, 0.35, 24, 0.05, looks=4) if method == "pocock"
+                else bayes(0.15, 0.35, 24, prior_a=0.5, prior_b=2.0, threshold=0.9, looks=4))
+    assert boundary_for(rule) == expected
+    assert [look.n for look in boundary_for(rule).looks] == [4, 8, 12, 16, 20, 24]
+    assert boundary_for(rule).p_stop_p1 is not None
