@@ -118,7 +118,7 @@ async def forget_failures(engine: AsyncEngine, consumer: str, message: str) -> N
 
 def message_key(raw: Any) -> str:
     """What names one message across its redeliveries: its stream and stream sequence."""
-    metadata = getattr(raw, "metadata", None)
+    metadata: Any = getattr(raw, "metadata", None)
     try:
         return f"{metadata.stream}:{metadata.sequence.stream}"
     except AttributeError:  # not a JetStream message (a test broker): its subject and content

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,7 +21,7 @@ from shared.store.engine import make_engine
 from shared.store.eventstore import now_utc
 
 log = logging.getLogger(__name__)
-Task = Callable[[], Awaitable[None]]
+Task = Callable[[], Coroutine[Any, Any, None]]  # asyncio.create_task takes a coroutine, not any awaitable
 
 
 def create_app(

@@ -30,7 +30,7 @@ async def authenticated(
     """The token's holder; no token or an unknown one is 401 with a Bearer challenge."""
     if credentials is None or not credentials.credentials.strip():
         raise Problem(401, "send Authorization: Bearer <token>", slug="unauthenticated", headers=CHALLENGE)
-    principal = await request.app.state.principals.principal(credentials.credentials.strip())
+    principal: Principal | None = await request.app.state.principals.principal(credentials.credentials.strip())
     if principal is None:
         raise Problem(401, "the token is unknown, revoked or expired", slug="unauthenticated",
                       headers={"WWW-Authenticate": CHALLENGE["WWW-Authenticate"] + ', error="invalid_token"'})

@@ -38,7 +38,7 @@ class Ledger:
     async def prefetch(self, subject_ids: Iterable[str]) -> None:
         """Read many patients' heads at once (a bulk import), rather than one query each."""
         wanted = {patient_stream(s) for s in subject_ids} - self._heads.keys()
-        found = await eventstore.read_patient_heads(self.conn, wanted)
+        found: dict[str, PatientHead | None] = dict(await eventstore.read_patient_heads(self.conn, wanted))
         missing = wanted - found.keys()
         for stream in await eventstore.existing_streams(self.conn, missing):
             found[stream] = await self._build(stream)

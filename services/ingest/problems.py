@@ -251,6 +251,6 @@ def install(app: FastAPI, known: Mapping[type[Exception], Known]) -> None:
     app.add_exception_handler(HTTPException, on_http)
     for error_type in (sa.SQLAlchemyError, OSError, TimeoutError):
         app.add_exception_handler(error_type, on_store)
-    for error_type, entry in known.items():
-        app.add_exception_handler(error_type, on_known(entry))
+    for known_type, entry in known.items():
+        app.add_exception_handler(known_type, on_known(entry))
     app.add_exception_handler(Exception, on_unexpected)

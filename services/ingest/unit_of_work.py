@@ -111,7 +111,7 @@ class UnitOfWork:
     async def _commit(self, jobs: list[_Job], *, reconnected: bool = False) -> None:
         try:
             outcomes = await self._transaction(jobs)
-        except (_Spoilt, *_STORE_ERRORS) as exc:
+        except _SPOILT_OR_STORE as exc:
             cause = exc.__cause__ if isinstance(exc, _Spoilt) and exc.__cause__ else exc
             if isinstance(cause, DBAPIError) and cause.connection_invalidated and not reconnected:
                 # A connection the server had dropped (it restarted): the pool is emptied, try again once.
@@ -157,7 +157,7 @@ class UnitOfWork:
             try:
                 await ledger.flush()
                 await remember_many(conn, list(keys.values()), now)
-            except (KeyTaken, DuplicateEvent, *_STORE_ERRORS) as exc:
+            except _FLUSH_ERRORS as exc:
                 raise _Spoilt() from exc
         return outcomes
 
@@ -175,3 +175,6 @@ class UnitOfWork:
 
 # Not OSError: a use case's OtherSite is a PermissionError, which is one; the store fails with these.
 _STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, ConnectionError)
+# Named, not unpacked inside ``except (...)``: mypy cannot type a star-unpacked except clause.
+_SPOILT_OR_STORE: tuple[type[Exception], ...] = (_Spoilt, *_STORE_ERRORS)
+_FLUSH_ERRORS: tuple[type[Exception], ...] = (KeyTaken, DuplicateEvent, *_STORE_ERRORS)

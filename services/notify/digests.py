@@ -221,7 +221,8 @@ class DigestService:
         except IntegrityError:
             pass
         async with self.engine.connect() as conn:
-            return utc(await conn.scalar(select(digests.c.data_cutoff).where(digests.c.period_key == BASELINE)))
+            cutoff = await conn.execute(select(digests.c.data_cutoff).where(digests.c.period_key == BASELINE))
+            return utc(cutoff.scalar_one())  # the row was inserted above, or by an earlier run
 
     async def catch_up(self) -> str | None:
         """Send the latest due scheduled period if it is not sent yet; retry failed ones."""

@@ -161,7 +161,7 @@ def _pocock_alpha(p0: float, ns: tuple[int, ...], cp0: float) -> tuple[float, tu
     lengths = sizes + 2  # b = 0 .. n + 1
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     b = np.arange(lengths.sum()) - np.repeat(starts, lengths)
-    tails = binom.sf(b - 1, np.repeat(sizes, lengths), p0)  # P(X_k >= b)
+    tails = np.asarray(binom.sf(b - 1, np.repeat(sizes, lengths), p0))  # P(X_k >= b)
     candidates = np.unique(tails[(tails > 0) & (tails <= cp0)])
     best: tuple[float, tuple[int, ...]] = (0.0, tuple(n + 1 for n in ns))  # never stops
     lo, hi = 0, len(candidates)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, insert, select, text, update
+from sqlalchemy import ColumnElement, Row, and_, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -159,6 +159,8 @@ class Batch:
         for event in new_events:
             version += 1
             self.position += 1
+            occurred_at = event.occurred_at.astimezone(UTC)
+            occurred_offset_s = int(event.occurred_at.utcoffset().total_seconds())  # type: ignore[union-attr]
             row = {
                 "position": self.position,
                 "event_id": str(event.event_id),
@@ -167,8 +169,8 @@ class Batch:
                 "type": event.type,
                 "schema_version": event.schema_version,
                 "subject_id": event.subject_id,
-                "occurred_at": event.occurred_at.astimezone(UTC),
-                "occurred_offset_s": int(event.occurred_at.utcoffset().total_seconds()),  # type: ignore[union-attr]
+                "occurred_at": occurred_at,
+                "occurred_offset_s": occurred_offset_s,
                 "recorded_at": recorded_at,
                 "recorded_by": event.recorded_by,
                 "data": event.data,
@@ -181,7 +183,7 @@ class Batch:
             stored.append(StoredEvent.model_construct(  # the values are the checked ones of ``event``
                 position=self.position, event_id=event.event_id, stream_id=stream_id, stream_version=version,
                 type=event.type, schema_version=event.schema_version, subject_id=event.subject_id,
-                occurred_at=row["occurred_at"].astimezone(timezone(timedelta(seconds=row["occurred_offset_s"]))),
+                occurred_at=occurred_at.astimezone(timezone(timedelta(seconds=occurred_offset_s))),
                 recorded_at=utc(recorded_at), recorded_by=event.recorded_by, data=event.data,
                 correlation_id=event.correlation_id, causation_id=event.causation_id))
         self.versions[stream_id] = version
@@ -340,7 +342,7 @@ async def read_types(
     subject_id: str | None = None,
     as_of: datetime | None = None,
 ) -> list[StoredEvent]:
-    conditions = [events.c.type.in_(list(types))]
+    conditions: list[ColumnElement[bool]] = [events.c.type.in_(list(types))]
     if subject_id is not None:
         conditions.append(events.c.subject_id == subject_id)
     if as_of is not None:
@@ -436,7 +438,8 @@ async def _check_end(conn: AsyncConnection, checked: int, last: int, last_hash: 
     appended = (await conn.execute(select(events_appended).where(events_appended.c.id == 1))).first()
     if appended is None:
         return "the count of appended events (table events_appended) is missing: it was deleted"
-    if appended.count != checked or appended.last_position > last:
-        return (f"{appended.count} events were appended (the last at position {appended.last_position}), but "
+    count = appended._mapping["count"]  # not ``appended.count``: to mypy that is the Sequence method
+    if count != checked or appended.last_position > last:
+        return (f"{count} events were appended (the last at position {appended.last_position}), but "
                 f"{checked} are stored, the last at position {last}: events were deleted")
     return ""

@@ -28,7 +28,7 @@ ENROLMENT_FIELDS = form_fields(Enrolment)
 
 def window_words(window: dict[str, Any], today: date) -> str:
     """Where today falls in a window ("day 5 of 14"), or its status in words."""
-    status = window["status"].replace("_", " ")
+    status: str = window["status"].replace("_", " ")
     if window["start"] and window["end"] and status == "open":
         start, end = date.fromisoformat(window["start"]), date.fromisoformat(window["end"])
         if start <= today <= end:

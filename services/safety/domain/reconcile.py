@@ -55,7 +55,7 @@ def _withdraw(view: AlertView, reason: str, now: datetime, causation: uuid.UUID 
     data = AlertWithdrawn(
         alert_id=view.alert_id,
         kind=view.kind,
-        severity=view.severity,  # type: ignore[arg-type]
+        severity=view.severity,
         audience=view.data.get("audience", "investigators"),
         subject_id=view.subject_id,
         site_id=view.site_id,
