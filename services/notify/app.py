@@ -71,7 +71,7 @@ class NotifyService:
             clock=clock, replica=replica,
         )
         subscription = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
-        self.broker.include_router(build_router(self.names, subscription))
+        self.broker.include_router(build_router(self.names, subscription, ack_wait=settings.ack_wait_s))
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.background = Background()
 
