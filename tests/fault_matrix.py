@@ -232,7 +232,9 @@ class Matrix:
                     "TRIALWATCH_STREAM_NAME": self.stream, "TRIALWATCH_SUBJECT_PREFIX": f"twfm{tag}",
                     "TRIALWATCH_INVESTIGATOR_EMAILS": ",".join(INVESTIGATORS), "TRIALWATCH_DATA_DIR": str(work),
                     # A killed worker's messages come back after 5 s, not the production minute.
-                    "TRIALWATCH_ACK_WAIT_S": "5"}
+                    "TRIALWATCH_ACK_WAIT_S": "5",
+                    # A killed notifier's mail in hand goes out after 10 s, not the production two minutes.
+                    "TRIALWATCH_MAIL_LEASE_S": "10"}
         self.env.pop("TRIALWATCH_DSMB_EMAILS", None)
         self.services = Services(self.env, work)
         self.client: Client | None = None
