@@ -218,8 +218,9 @@ def icans() -> dict[str, Any]:
 
 
 class Matrix:
-    def __init__(self, database_url: str, work: Path, form: Form) -> None:
-        self.database_url, self.work, self.form = database_url, work, form
+    def __init__(self, database_url: str, work: Path, form: Form,
+                 progress: Callable[[Row], None] | None = None) -> None:
+        self.database_url, self.work, self.form, self.progress = database_url, work, form, progress
         self.rows: list[Row] = []
         self.engine: AsyncEngine = make_engine(database_url)
         self.nats = EmbeddedNats(work / "nats")
@@ -246,6 +247,8 @@ class Matrix:
             await self._start()
             for fault in faults:
                 self.rows.append(await self._one(fault))
+                if self.progress:
+                    self.progress(self.rows[-1])
         finally:
             await self._stop()
         return self.rows
@@ -466,7 +469,7 @@ def main() -> None:
         database = make_url(url).get_backend_name()
         print(f"fault matrix: {form.records} records per fault, faults of {form.fault_s:g} s, {database}; "
               f"service logs in {tmp}", flush=True)
-        matrix = Matrix(url, Path(tmp), form)
+        matrix = Matrix(url, Path(tmp), form, progress=lambda row: print(f"  {row.fault}: done", flush=True))
         started = time.monotonic()
         rows = asyncio.run(matrix.run(faults))
         title = (f"== fault matrix, {database}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
