@@ -325,10 +325,13 @@ class Matrix:
                     started.set()
 
         load = asyncio.gather(*(send(records) for records in plan))
-        await started.wait()
-        await self._fault(fault)
-        fault_end = time.monotonic()
-        await load
+        try:
+            await asyncio.wait([asyncio.ensure_future(started.wait()), load], return_when=asyncio.FIRST_COMPLETED)
+            await self._fault(fault)
+            fault_end = time.monotonic()
+            await load
+        finally:
+            load.cancel()  # a fault that failed leaves no client posting
 
         settle_deadline = time.monotonic() + self.form.settle_timeout_s
         while time.monotonic() < settle_deadline:
