@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # How long the broker waits for a consumer's ack before it hands the message to another
     # (a worker killed mid-batch): its messages come back after this.
     ack_wait_s: float = 60.0
+    # How long a notifier holds a mail it is sending before another may send it (a notifier killed
+    # mid-send): a held mail goes out after this.
+    mail_lease_s: float = 120.0
 
     @field_validator("investigator_emails", "dsmb_emails", mode="before")
     @classmethod

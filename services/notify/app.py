@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -67,13 +67,14 @@ class NotifyService:
         self.sender = DeliverySender(
             self.engine, self.mailer, mail_from=settings.mail_from, api_base_url=settings.api_base_url,
             trial_title=self.protocol.trial.title, timezone=self.protocol.trial.timezone,
+            lease=timedelta(seconds=settings.mail_lease_s),
         )
         self.digests = DigestService(
             self.engine, self.mailer, self.protocol, recipients=self.dsmb, mail_from=settings.mail_from,
             clock=clock, replica=replica,
         )
         subscription = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
-        self.broker.include_router(build_router(self.names, subscription))
+        self.broker.include_router(build_router(self.names, subscription, ack_wait=settings.ack_wait_s))
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.background = Background()
 

@@ -14,5 +14,6 @@ from shared.consuming import Subscription, durable_router
 DURABLE = "notify"
 
 
-def build_router(names: BusNames, subscription: Subscription, *, durable: str = DURABLE) -> NatsRouter:
-    return durable_router(names, subscription, durable=durable)
+def build_router(names: BusNames, subscription: Subscription, *, durable: str = DURABLE,
+                 ack_wait: float = 60.0) -> NatsRouter:
+    return durable_router(names, subscription, durable=durable, ack_wait=ack_wait)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -157,8 +158,25 @@ class DeliverySender:
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
             await self._failed(claim, exc, clock())
             return False
-        await self._settle(claim, status="sent", sent_at=clock())
+        await self._record_sent(claim, clock)
         return True
+
+    async def _record_sent(self, claim: _Claim, clock: Callable[[], datetime]) -> None:
+        """The server has the mail: record it, trying again while the store refuses (a dropped
+        connection, a locked SQLite file). A claim left "sending" is sent again once its lease runs
+        out, so giving up at the first refusal would mail it twice."""
+        deadline, pause = time.monotonic() + self._lease.total_seconds() / 2, 0.1
+        while True:
+            try:
+                await self._settle(claim, status="sent", sent_at=clock())
+                return
+            except Exception:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("alert mail %s to %s went out but is not recorded yet; trying again",
+                            claim.message_id, claim.recipient, exc_info=True)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def _message(self, claim: _Claim, now: datetime) -> EmailMessage:
         async with self._engine.connect() as conn:

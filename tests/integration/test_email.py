@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.notify.capture import MailCapture
@@ -204,6 +205,30 @@ async def test_a_claim_left_by_a_crashed_sender_is_taken_again_after_its_lease(
     assert mail_to(capture.messages(), [pi]) == []
     await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=121))
     assert len(mail_to(capture.messages(), [pi])) == 1
+
+
+async def test_a_sent_mail_the_store_fails_to_record_at_first_is_recorded_and_not_sent_again(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault matrix found it: PostgreSQL dropping the connection right after the server took
+    the mail left the row "sending", and it went out again once the lease ran out."""
+    pi, t0 = address("pi"), now_utc()
+    event = await raise_alert(engine)
+    await queue(engine, event, [pi], now=t0)
+    mailer = RecordingMailer()
+    the_sender = sender(engine, mailer)
+    settle, refusals = the_sender._settle, [OperationalError("UPDATE deliveries", {}, Exception("connection lost"))]
+
+    async def refused_once(claim: Any, **values: Any) -> None:
+        if values.get("status") == "sent" and refusals:
+            raise refusals.pop()
+        await settle(claim, **values)
+
+    monkeypatch.setattr(the_sender, "_settle", refused_once)
+    await the_sender.send_due()
+    assert [r.status for r in await rows_of(engine, event)] == ["sent"]
+    await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=600))
+    assert len(mailer.to(pi)) == 1
 
 
 async def test_two_senders_racing_send_each_mail_once(
