@@ -18,6 +18,7 @@ from services.notify.deliveries import enqueue, recipients_for_event
 from services.notify.digests import DigestService
 from services.notify.mailer import Mailer, SmtpMailer
 from services.notify.sender import DeliverySender
+from services.notify.sent_journal import SentJournal
 from shared.background import Background
 from shared.bus import BusNames, ensure_stream, nats_broker
 from shared.consuming import Subscription, process_once
@@ -68,6 +69,7 @@ class NotifyService:
             self.engine, self.mailer, mail_from=settings.mail_from, api_base_url=settings.api_base_url,
             trial_title=self.protocol.trial.title, timezone=self.protocol.trial.timezone,
             lease=timedelta(seconds=settings.mail_lease_s),
+            journal=SentJournal(settings.data_dir / "mail-sent.journal"),
         )
         self.digests = DigestService(
             self.engine, self.mailer, self.protocol, recipients=self.dsmb, mail_from=settings.mail_from,

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.notify.deliveries import LOUD_AFTER_ATTEMPTS, MAX_BACKOFF_S, RAISE_TYPES
 from services.notify.mailer import Mailer
 from services.notify.rendering import compose, render_alert
+from services.notify.sent_journal import SentJournal
 from shared.events import ALERT_WITHDRAWN, StoredEvent
 from shared.store.eventstore import get_event, now_utc, utc
 from shared.store.tables import deliveries, events
@@ -36,6 +37,7 @@ class _Claim:
     message_id: str
     attempts: int
     lease_until: datetime
+    reclaimed: bool  # taken over from a claim whose lease ran out (its sender may have sent it)
 
 
 class _Deferred(Exception):
@@ -57,8 +59,10 @@ class DeliverySender:
         timezone: str | None = None,
         lease: timedelta = timedelta(seconds=120),
         batch: int = 50,
+        journal: SentJournal | None = None,
     ) -> None:
         self._engine, self._mailer = engine, mailer
+        self._journal = journal or SentJournal(None)
         self._mail_from, self._api_base_url, self._trial_title = mail_from, api_base_url, trial_title
         self._timezone = timezone
         self._lease, self._batch = lease, batch
@@ -145,9 +149,15 @@ class DeliverySender:
             taken = result.first()
         if taken is None:
             return None
-        return _Claim(row.id, taken.alert_event_id, taken.recipient, taken.message_id, taken.attempts, lease_until)
+        return _Claim(row.id, taken.alert_event_id, taken.recipient, taken.message_id, taken.attempts, lease_until,
+                      reclaimed=row.status == "sending")
 
     async def _deliver(self, claim: _Claim, clock: Callable[[], datetime]) -> bool:
+        if claim.reclaimed and await asyncio.to_thread(self._journal.has, claim.message_id):
+            log.warning("alert mail %s to %s went out before its sender died; recording it, not sending it again",
+                        claim.message_id, claim.recipient)
+            await self._record_sent(claim, clock)
+            return False
         try:
             message = await self._message(claim, clock())
             async with asyncio.timeout(self._lease.total_seconds() / 2):
@@ -158,6 +168,7 @@ class DeliverySender:
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
             await self._failed(claim, exc, clock())
             return False
+        await asyncio.to_thread(self._journal.record, claim.message_id)
         await self._record_sent(claim, clock)
         return True
 

@@ -28,6 +28,7 @@ from services.notify.deliveries import (
 )
 from services.notify.mailer import MAIL_POLICY, Mailer, MailerUnavailable, RecordingMailer, SmtpMailer
 from services.notify.sender import DeliverySender
+from services.notify.sent_journal import SentJournal
 from shared.events import (
     ALERT_RAISED,
     ALERT_WITHDRAWN,
@@ -229,6 +230,34 @@ async def test_a_sent_mail_the_store_fails_to_record_at_first_is_recorded_and_no
     assert [r.status for r in await rows_of(engine, event)] == ["sent"]
     await sender(engine, mailer).send_due(now=t0 + timedelta(seconds=600))
     assert len(mailer.to(pi)) == 1
+
+
+async def test_a_mail_whose_sender_died_after_the_server_took_it_is_not_sent_again(
+    engine: AsyncEngine, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault matrix found it on SQLite: a notifier killed between the server's "250 OK" and the
+    "sent" commit (which waits for the write lock) left the row "sending", and after the lease the
+    mail went out again. The sent journal, written the moment the server has the mail, closes it."""
+    pi, t0 = address("pi"), now_utc()
+    event = await raise_alert(engine)
+    await queue(engine, event, [pi], now=t0)
+    mailer, journal = RecordingMailer(), SentJournal(data_dir / "mail-sent.journal")
+    dying = DeliverySender(engine, mailer, mail_from="trialwatch@localhost", api_base_url="http://127.0.0.1:8000",
+                           trial_title=TRIAL, journal=journal)
+
+    async def killed_before_the_commit(claim: Any, clock: Any) -> None:
+        return None  # the process is gone: the row stays "sending"
+
+    monkeypatch.setattr(dying, "_record_sent", killed_before_the_commit)
+    await dying.send_due(now=t0)
+    assert len(mailer.to(pi)) == 1 and [r.status for r in await rows_of(engine, event)] == ["sending"]
+
+    # Its successor, after the lease: it finds the Message-ID in the journal, records the mail as sent.
+    successor = DeliverySender(engine, mailer, mail_from="trialwatch@localhost", api_base_url="http://127.0.0.1:8000",
+                               trial_title=TRIAL, journal=SentJournal(data_dir / "mail-sent.journal"))
+    await successor.send_due(now=t0 + timedelta(seconds=121))
+    assert len(mailer.to(pi)) == 1
+    assert [r.status for r in await rows_of(engine, event)] == ["sent"]
 
 
 async def test_two_senders_racing_send_each_mail_once(
