@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
+import nats  # noqa: E402
 from aiosmtpd.controller import Controller  # noqa: E402
 
 from services.ingest.auth import create_token  # noqa: E402
@@ -108,6 +109,30 @@ def start_service(role: str, env: dict[str, str], log: Path) -> subprocess.Popen
                                 stdout=subprocess.DEVNULL, stderr=stderr)
 
 
+CATCH_UP_S = 300.0
+
+
+async def caught_up(nats_url: str, stream: str) -> None:
+    """Wait (at most ``CATCH_UP_S``) until both consumers have taken every message of the stream."""
+    nc = await nats.connect(nats_url)
+    try:
+        js, deadline = nc.jetstream(), time.perf_counter() + CATCH_UP_S
+        while time.perf_counter() < deadline:
+            last = (await js.stream_info(stream)).state.last_seq
+            infos = []
+            for durable in ("safety", "notify"):
+                try:
+                    infos.append(await js.consumer_info(stream, durable))
+                except Exception:  # not created yet
+                    infos = []
+                    break
+            if infos and all(i.ack_floor is not None and i.ack_floor.stream_seq >= last for i in infos):
+                return
+            await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -148,7 +173,8 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_
             subjects = [f"S01-L{n:05d}" for n in range(patients)]
             urgent = [f"S01-U{n:05d}" for n in range(int(rate * seconds) // 25 + 1)]
             await enrol(client, subjects + urgent)
-            await asyncio.sleep(8)  # the enrolments' own alerts (none expected) and the settle period pass
+            await caught_up(nats_url, env["TRIALWATCH_STREAM_NAME"])
+            await asyncio.sleep(6)  # the settle period passes: the load meets a quiet system
             arrivals.seen.clear()
             sent, errors = await open_loop(client, subjects, rate, seconds, list(urgent))
             deadline = time.perf_counter() + 60
