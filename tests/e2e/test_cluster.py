@@ -80,6 +80,11 @@ def follow_up(occurred_at: str) -> dict[str, Any]:
     return {"type": "follow_up", "occurred_at": occurred_at}
 
 
+async def _led(cluster: NatsCluster, stream: str) -> Any:
+    info = await cluster.stream_info(stream)
+    return info if info.cluster is not None and info.cluster.leader else None
+
+
 def icans(occurred_at: str, grade: int) -> dict[str, Any]:
     return {"type": "icans", "occurred_at": occurred_at, "grade": grade}
 
@@ -89,7 +94,9 @@ async def test_a_node_killed_under_load_loses_nothing_and_mails_each_urgent_aler
 ) -> None:
     env = services.children[0].env
     stream = env["TRIALWATCH_STREAM_NAME"]
-    info = await cluster.stream_info(stream)
+    # Three copies: a leader and two replicas (right after creation, or under load, the leader
+    # may still be being elected: wait for it).
+    info = await eventually(lambda: _led(cluster, stream), timeout=30, interval=0.5)
     assert info.config.num_replicas == 3
     assert info.cluster is not None and len(info.cluster.replicas or []) == 2
     # A service that does not know the setting (the safety service's own start-up) leaves it so.
@@ -125,10 +132,10 @@ async def test_a_node_killed_under_load_loses_nothing_and_mails_each_urgent_aler
             assert response.status_code == 201, response.text
             acknowledged.append(response.json()["event_id"])
             if len(acknowledged) == len(requests) // 3 and not killed:
-                leader = (await cluster.stream_info(stream)).cluster
-                assert leader is not None and leader.leader is not None
-                cluster.kill(leader.leader)
-                killed.append(leader.leader)
+                killed.append("")  # claimed: the other senders go on posting meanwhile
+                led = await eventually(lambda: _led(cluster, stream), timeout=30, interval=0.2)
+                cluster.kill(led.cluster.leader)
+                killed[0] = led.cluster.leader
 
     base = f"http://127.0.0.1:{env['TRIALWATCH_HTTP_PORT']}"
     async with httpx.AsyncClient(base_url=base, timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
