@@ -68,7 +68,7 @@ async def enrol(client: httpx.AsyncClient, subjects: list[str]) -> None:
                 "weight_kg": 70.0, "enrolled_at": when(3), "transplant_date": "2025-03-02",
                 "relapse_date": "2025-11-20", "eligibility": ELIGIBLE}
         assert (await client.post("/v1/patients", json=body)).status_code == 201
-        dose = {"type": "blinatumomab_dose", "occurred_at": when(2), "course": 1, "day": 1, "dose_ug": 15.0}
+        dose = {"type": "blinatumomab_dose", "occurred_at": when(2), "course": 1, "day": 1, "dose_ug": 28.0}  # on schedule
         assert (await client.post(f"/v1/patients/{subject}/events", json=dose)).status_code == 201
 
     for begin in range(0, len(subjects), 32):

@@ -260,6 +260,23 @@ async def test_a_mail_whose_sender_died_after_the_server_took_it_is_not_sent_aga
     assert [r.status for r in await rows_of(engine, event)] == ["sent"]
 
 
+async def test_urgent_mail_goes_out_before_a_backlog_of_high_mail(own_engine: AsyncEngine) -> None:
+    """A late-entered history can queue hundreds of high (deviation) mails at once; a grade 4 CRS
+    queued after them must not wait behind them."""
+    engine = own_engine  # a database of its own: no other test's mail is due in it
+    pi, t0 = address("pi"), now_utc()
+    backlog = [await raise_alert(engine, severity="high", title=f"Deviation {n}") for n in range(3)]
+    for event in backlog:
+        await queue(engine, event, [pi], now=t0)
+    urgent = await raise_alert(engine, title="Grade 4 CRS")
+    await queue(engine, urgent, [pi], now=t0 + timedelta(seconds=1))
+    mailer = RecordingMailer()
+    one_at_a_time = DeliverySender(engine, mailer, mail_from="trialwatch@localhost",
+                                   api_base_url="http://127.0.0.1:8000", trial_title=TRIAL, batch=1)
+    await one_at_a_time.send_due(now=t0 + timedelta(seconds=2))
+    assert ["Grade 4 CRS" in str(m["Subject"]) for m in mailer.to(pi)] == [True]
+
+
 async def test_two_senders_racing_send_each_mail_once(
     engine: AsyncEngine, database_url: str, capture: MailCapture
 ) -> None:
