@@ -73,12 +73,6 @@ class SafetyService:
         self.relay.poke()
         self.follower.poke()
 
-    async def sweep(self) -> int:
-        """Re-evaluate every patient once (what the follower does when it takes the lease)."""
-        count = await self.monitor.sweep()
-        self.relay.poke()
-        return count
-
     async def before_start(self) -> None:
         await ensure_stream(self.nats_url, self.names, replicas=self.replicas)
 

@@ -132,14 +132,6 @@ def _in_utc(row: RuleInput) -> RuleInput:
                    counts_from=row.counts_from.astimezone(UTC) if row.counts_from else None)
 
 
-@dataclass(frozen=True)
-class Held:
-    """A crossing held back until ``until``, when the records of ``subject_id`` (the latest) settle."""
-
-    subject_id: str
-    until: datetime
-
-
 class SafetyMonitor:
     def __init__(self, engine: AsyncEngine, protocol: Protocol, clock: Callable[[], datetime]) -> None:
         self.engine, self.protocol, self.clock = engine, protocol, clock
@@ -333,7 +325,7 @@ class SafetyMonitor:
                                             "done": False}, ["subject_id", "check"])
 
     # --- the trial -------------------------------------------------------------------------------
-    async def evaluate_stopping(self, conn: AsyncConnection, *, cause: StoredEvent | None = None) -> Held | None:
+    async def evaluate_stopping(self, conn: AsyncConnection, *, cause: StoredEvent | None = None) -> None:
         """Diff the rules' crossings, over the patients' rule inputs, against the rules' alerts. A
         new crossing is held back while the trial's records have not settled; it is then checked
         again when they will have (the latest-recorded patient's due check is brought forward)."""
@@ -357,11 +349,9 @@ class SafetyMonitor:
             await upsert(conn, stopping_rule_state, {
                 "rule_id": status.rule.id, "state": status.public(), "updated_at": now,
             }, ["rule_id"])
-        if not held or latest is None or settled_at is None:
-            return None
-        current = await conn.scalar(select(due_checks.c.due_at).where(due_checks.c.subject_id == latest.subject_id))
-        await self._due(conn, latest.subject_id, settled_at if current is None else min(utc(current), settled_at))
-        return Held(latest.subject_id, settled_at)
+        if held and latest is not None and settled_at is not None:  # look again once they have settled
+            current = await conn.scalar(select(due_checks.c.due_at).where(due_checks.c.subject_id == latest.subject_id))
+            await self._due(conn, latest.subject_id, settled_at if current is None else min(utc(current), settled_at))
 
     async def _append(self, conn: AsyncConnection, appends: list[Append]) -> None:
         for item in appends:
