@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -467,26 +468,45 @@ async def asyncpg_append(ctx: Context, single: int, batches: int) -> tuple[float
     return one, hundred
 
 
-def eventsourcing_append(ctx: Context, single: int, batches: int) -> tuple[float | None, float | None]:
+def _eventsourcing(ctx: Context, **env: str) -> tuple[Any, Any] | None:
+    """The ``eventsourcing`` library's Application on this run's PostgreSQL and an aggregate that
+    records a lab; None (noted once) when the ``bench`` extra is not installed."""
     try:
         from eventsourcing.application import Application
         from eventsourcing.domain import Aggregate, event
     except ImportError:
-        ctx.notes.append("eventsourcing is not installed: pip install -e '.[bench]'")
-        return None, None
+        note = "eventsourcing is not installed: pip install -e '.[bench]'"
+        if note not in ctx.notes:
+            ctx.notes.append(note)
+        return None
     from sqlalchemy.engine import make_url
 
-    class Patient(Aggregate):
+    url = make_url(ctx.sqlalchemy_url)
+    app = Application(env={
+        "PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": url.database or "",
+        "POSTGRES_HOST": url.host or "127.0.0.1", "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": url.username or "postgres", "POSTGRES_PASSWORD": url.password or "",
+        "CREATE_TABLE": "y", **env})
+    return app, _lab_aggregate(Aggregate, event)
+
+
+@functools.cache
+def _lab_aggregate(aggregate: Any, event: Any) -> Any:
+    """One aggregate class for every run (the library registers each class by its topic, once)."""
+
+    class Patient(aggregate):
         @event("LabRecorded")
         def record_lab(self, value: float) -> None:
             self.last = value
 
-    url = make_url(ctx.sqlalchemy_url)
-    env = {"PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": url.database or "",
-           "POSTGRES_HOST": url.host or "127.0.0.1", "POSTGRES_PORT": str(url.port or 5432),
-           "POSTGRES_USER": url.username or "postgres", "POSTGRES_PASSWORD": url.password or "",
-           "CREATE_TABLE": "y"}
-    app = Application(env=env)
+    return Patient
+
+
+def eventsourcing_append(ctx: Context, single: int, batches: int) -> tuple[float | None, float | None]:
+    found = _eventsourcing(ctx)
+    if found is None:
+        return None, None
+    app, Patient = found  # noqa: N806 - the aggregate class
     try:
         patients = [Patient() for _ in range(max(1, single // 100))]
         app.save(*patients)
@@ -576,26 +596,12 @@ async def asyncpg_concurrent_rate(ctx: Context, n: int) -> float:
 
 
 def eventsourcing_concurrent_rate(ctx: Context, n: int) -> float | None:
-    try:
-        from eventsourcing.application import Application
-        from eventsourcing.domain import Aggregate, event
-    except ImportError:
-        return None
     from concurrent.futures import ThreadPoolExecutor
 
-    from sqlalchemy.engine import make_url
-
-    class Patient(Aggregate):
-        @event("LabRecorded")
-        def record_lab(self, value: float) -> None:
-            self.last = value
-
-    url = make_url(ctx.sqlalchemy_url)
-    env = {"PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": url.database or "",
-           "POSTGRES_HOST": url.host or "127.0.0.1", "POSTGRES_PORT": str(url.port or 5432),
-           "POSTGRES_USER": url.username or "postgres", "POSTGRES_PASSWORD": url.password or "",
-           "POSTGRES_POOL_SIZE": "32", "CREATE_TABLE": "y"}
-    app = Application(env=env)
+    found = _eventsourcing(ctx, POSTGRES_POOL_SIZE="32")
+    if found is None:
+        return None
+    app, Patient = found  # noqa: N806 - the aggregate class
     try:
         patients = [Patient() for _ in range(32)]
         app.save(*patients)
