@@ -7,6 +7,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -65,8 +66,13 @@ async def read_rule_inputs(conn: AsyncConnection, now: datetime) -> list[RuleInp
     to close does not yet)."""
     rows = await conn.execute(select(rule_inputs).where(
         or_(rule_inputs.c.counts_from.is_(None), rule_inputs.c.counts_from <= now.astimezone(UTC))))
-    return [RuleInput(r.rule_id, r.subject_id, r.arm, r.event, utc(r.evaluable_at),
-                      utc(r.counts_from) if r.counts_from else None) for r in rows]
+    return [rule_input_of(r) for r in rows]
+
+
+def rule_input_of(row: Any) -> RuleInput:
+    """A ``rule_inputs`` row as the rules take it (times in UTC: SQLite keeps no offset)."""
+    return RuleInput(row.rule_id, row.subject_id, row.arm, row.event, utc(row.evaluable_at),
+                     utc(row.counts_from) if row.counts_from else None)
 
 
 async def set_aside_subjects(conn: AsyncConnection) -> list[str]:

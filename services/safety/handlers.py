@@ -39,7 +39,7 @@ from shared.alert_log import fold_alerts
 from shared.clinical.patient import PatientState, fold_patient
 from shared.clinical.stopping import RuleInput, crossing_alert, evaluate_inputs, rule_inputs
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, alert_id_for, alert_stream, patient_stream
-from shared.patients import PATIENT_TYPES, read_rule_inputs, set_aside_subjects
+from shared.patients import PATIENT_TYPES, read_rule_inputs, rule_input_of, set_aside_subjects
 from shared.protocol import Protocol
 from shared.store import eventstore
 from shared.store.eventstore import StoreError, utc
@@ -290,9 +290,7 @@ class SafetyMonitor:
 
     async def _write_rule_inputs(self, conn: AsyncConnection, subject_id: str, rows: list[RuleInput]) -> bool:
         table = rule_inputs_table
-        stored = {RuleInput(r.rule_id, r.subject_id, r.arm, r.event, utc(r.evaluable_at),
-                            utc(r.counts_from) if r.counts_from else None)
-                  for r in await conn.execute(select(table).where(table.c.subject_id == subject_id))}
+        stored = {rule_input_of(r) for r in await conn.execute(select(table).where(table.c.subject_id == subject_id))}
         wanted = set(rows)
         if stored == wanted:
             return False
