@@ -45,7 +45,7 @@ from shared.store import eventstore
 from shared.store.eventstore import StoreError, utc
 from shared.store.tables import due_checks, events, patient_failures, patient_projection, stopping_rule_state
 from shared.store.tables import rule_inputs as rule_inputs_table
-from shared.store.upsert import upsert, upsert_returning
+from shared.store.upsert import upsert, upsert_many, upsert_returning
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,10 @@ def is_outage(exc: BaseException) -> bool:
         state = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
         return bool(exc.connection_invalidated) or state[:2] in OUTAGE_CLASSES or state == "55P03"
     return False
+
+
+def _latest(events: Iterable[StoredEvent]) -> StoredEvent | None:
+    return max(events, key=lambda e: e.position, default=None)
 
 
 def _lock_key(subject_id: str) -> int:
@@ -143,11 +147,19 @@ class SafetyMonitor:
         changed (the rules must look again, and a withdrawal then says why)."""
         causes = {e.subject_id: e for e in batch if e.type in PATIENT_TYPES and e.subject_id is not None}
         await lock_patients(conn, causes)
-        changed: StoredEvent | None = None
-        for subject_id in sorted(causes):
-            if await self.evaluate_guarded(conn, subject_id, cause=causes[subject_id]):
-                changed = causes[subject_id] if changed is None or causes[subject_id].position > changed.position else changed
-        return changed
+        if len(causes) > 1:
+            try:
+                async with conn.begin_nested():
+                    moved = await self.evaluate_many(conn, causes)
+            except Exception as exc:  # somebody's record cannot be written: each behind its own bulkhead
+                if is_outage(exc):
+                    raise
+                log.warning("safety: a batch of %d patients failed together (%s: %s); evaluating them one by one",
+                            len(causes), type(exc).__name__, exc)
+            else:
+                return _latest(causes[s] for s in moved)
+        moved = [s for s in sorted(causes) if await self.evaluate_guarded(conn, s, cause=causes[s])]
+        return _latest(causes[s] for s in moved)
 
     async def on_event(self, conn: AsyncConnection, event: StoredEvent) -> None:
         """One event, the patient and then the rules (tests and single-worker callers)."""
@@ -254,6 +266,57 @@ class SafetyMonitor:
         await upsert(conn, patient_projection, decision.projection, ["subject_id"])
         await self._due(conn, subject_id, decision.due)
         return await self._write_rule_inputs(conn, subject_id, decision.rule_rows)
+
+    async def evaluate_many(self, conn: AsyncConnection, causes: dict[str, StoredEvent]) -> list[str]:
+        """``evaluate_guarded`` of several patients in a few statements: their streams and alerts
+        read at once, each decided (one whose decision raises is set aside), the decisions
+        written together. The patients whose rule inputs changed. A write that fails fails them
+        all (the caller then takes them one by one, each behind its savepoint)."""
+        subjects = sorted(causes)
+        histories = await eventstore.read_streams(conn, [patient_stream(s) for s in subjects])
+        alerts = await eventstore.read_types_of(conn, ALERT_TYPES, subjects)
+        decisions: list[Decision] = []
+        moved: list[str] = []
+        for subject_id in subjects:
+            try:
+                decision = self.decide(Known(histories[patient_stream(subject_id)], alerts[subject_id]),
+                                       causes[subject_id])
+            except Exception as exc:
+                log.exception("safety: patient %s set aside: its evaluation failed", subject_id)
+                await self._set_aside(conn, subject_id, f"{type(exc).__name__}: {exc}")
+                moved.append(subject_id)
+                continue
+            if decision is not None:
+                decisions.append(decision)
+        failed = set(moved)
+        recovered = set((await conn.execute(
+            delete(patient_failures).where(patient_failures.c.subject_id.in_([s for s in subjects if s not in failed]))
+            .returning(patient_failures.c.subject_id))).scalars())
+        await self._append(conn, [a for d in decisions for a in d.appends])
+        await upsert_many(conn, patient_projection, [d.projection for d in decisions], ["subject_id"])
+        await upsert_many(conn, due_checks, [
+            {"subject_id": d.subject_id, "check": "next", "due_at": d.due.astimezone(UTC), "done": False}
+            for d in decisions if d.due is not None], ["subject_id", "check"])
+        undue = [d.subject_id for d in decisions if d.due is None]
+        if undue:
+            await conn.execute(delete(due_checks).where(due_checks.c.subject_id.in_(undue)))
+        changed = await self._write_many_rule_inputs(conn, {d.subject_id: d.rule_rows for d in decisions})
+        return sorted(failed | recovered | changed)
+
+    async def _write_many_rule_inputs(self, conn: AsyncConnection, wanted: dict[str, list[RuleInput]]) -> set[str]:
+        """``_write_rule_inputs`` of several patients: the stored rows read at once, only those
+        that differ replaced. The patients whose rows changed."""
+        table = rule_inputs_table
+        stored: dict[str, set[RuleInput]] = {s: set() for s in wanted}
+        for row in await conn.execute(select(table).where(table.c.subject_id.in_(list(wanted)))):
+            stored[row.subject_id].add(rule_input_of(row))
+        changed = {s for s, rows in wanted.items() if stored[s] != set(rows)}
+        if changed:
+            await conn.execute(delete(table).where(table.c.subject_id.in_(sorted(changed))))
+            rows = [vars(r) for s in sorted(changed) for r in set(wanted[s])]
+            if rows:
+                await conn.execute(insert(table), rows)
+        return changed
 
     def decide(self, known: Known, cause: StoredEvent | None = None) -> Decision | None:
         """What one patient's evaluation writes (pure: the store is not touched); None if not enrolled."""

@@ -32,3 +32,14 @@ async def upsert_returning(
               for k, v in values.items() if k not in keys},
     ).returning(column)
     return int((await conn.execute(statement)).scalar_one())
+
+
+async def upsert_many(conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+    """``upsert`` of many rows (all with the same columns) in one statement."""
+    if not rows:
+        return
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(keys), set_={k: statement.excluded[k] for k in rows[0] if k not in keys})
+    await conn.execute(statement, list(rows))

@@ -111,3 +111,34 @@ async def test_a_patient_whose_evaluation_fails_does_not_stop_a_later_patient_in
         await ward.monitor.on_batch(conn, [crs, bad])
     assert len(await ward.alerts(later, "crs_grade_3_plus")) == 1
     assert list(await failures(ward)) == [first]
+
+
+async def test_a_patient_whose_read_model_cannot_be_written_fails_the_batch_write_and_only_that_patient_is_set_aside(
+        trial_ward: Ward, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's patients are written together; when that write fails, they are taken one by one
+    behind their savepoints, so only the patient whose row cannot be stored is set aside."""
+    ward = trial_ward
+    unwritable, healthy, quiet = sorted([await ward.enrol() for _ in range(3)])
+    ward.clock.set(day(6, 9))
+    for subject in (unwritable, healthy, quiet):
+        await ward.record(subject, dose(day(1), 1))
+    decide = ward.monitor.decide
+
+    def decide_with_an_unstorable_projection(known: Any, cause: Any = None) -> Any:
+        decision = decide(known, cause)
+        if decision is not None and decision.subject_id == unwritable:
+            decision.projection["state"] = {"not json": object()}  # the write, not the fold, fails
+        return decision
+
+    monkeypatch.setattr(ward.monitor, "decide", decide_with_an_unstorable_projection)
+    events = []
+    for subject in (unwritable, healthy):
+        answer = await ward.client.post(f"/v1/patients/{subject}/events", json=crs3(2))
+        events.append(await ward.stored(answer.json()["event_id"]))
+    async with ward.engine.begin() as conn:
+        await ward.monitor.on_batch(conn, events)
+
+    assert len(await ward.alerts(healthy, "crs_grade_3_plus")) == 1
+    assert list(await failures(ward)) == [unwritable]
+    [aside] = await ward.alerts(unwritable, SET_ASIDE)
+    assert aside["severity"] == "urgent" and "TypeError" in aside["detail"]
