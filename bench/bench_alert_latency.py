@@ -34,6 +34,8 @@ import httpx  # noqa: E402
 import nats  # noqa: E402
 from aiosmtpd.controller import Controller  # noqa: E402
 
+from bench.cpu_account import Meter, pids_named  # noqa: E402
+from bench.lean_http import LeanClient  # noqa: E402
 from services.ingest.auth import create_token  # noqa: E402
 from shared.embedded_nats import free_port  # noqa: E402
 from shared.store.engine import make_engine, migrate_async  # noqa: E402
@@ -41,6 +43,7 @@ from shared.store.engine import make_engine, migrate_async  # noqa: E402
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 NATS = os.environ.get("TRIALWATCH_BENCH_NATS_URL", "nats://127.0.0.1:4222")
 INVESTIGATORS = ["pi@bench.test", "co-pi@bench.test"]
+ROLES = ("ingest", "safety", "notify")
 ELIGIBLE = {"stable_vital_signs": True, "severe_infection": False, "gvhd_grade_2_to_4": False,
             "organ_failure": False, "cns_leukemia": False, "drug_allergy": False}
 
@@ -75,7 +78,7 @@ async def enrol(client: httpx.AsyncClient, subjects: list[str]) -> None:
         await asyncio.gather(*(one(s) for s in subjects[begin:begin + 32]))
 
 
-async def open_loop(client: httpx.AsyncClient, subjects: list[str], rate: int, seconds: float,
+async def open_loop(client: LeanClient, subjects: list[str], rate: int, seconds: float,
                     urgent_subjects: list[str]) -> tuple[dict[str, float], int]:
     """Send rate x seconds events at their scheduled moments; (urgent subject -> POST time, errors)."""
     sent: dict[str, float] = {}
@@ -94,9 +97,8 @@ async def open_loop(client: httpx.AsyncClient, subjects: list[str], rate: int, s
             subject = subjects[n % len(subjects)]
             body = {"type": "lab", "occurred_at": when(1), "test": "platelets", "value": 200.0, "unit": "10^9/L"}
         try:
-            response = await client.post(f"/v1/patients/{subject}/events", json=body)
-            errors += response.status_code != 201
-        except httpx.HTTPError:
+            errors += await client.post(f"/v1/patients/{subject}/events", body) != 201
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
             errors += 1
 
     await asyncio.gather(*(one(n) for n in range(total)))
@@ -133,6 +135,23 @@ async def caught_up(nats_url: str, stream: str) -> None:
         await nc.close()
 
 
+async def backends(database: str) -> list[int]:
+    """The PostgreSQL server processes serving ``database`` now (the services' pools)."""
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        return [r["pid"] for r in await admin.fetch("select pid from pg_stat_activity where datname = $1", database)]
+    finally:
+        await admin.close()
+
+
+def cpu_table(r: dict[str, Any]) -> str:
+    """Where the CPU went from the load's start to its last mail: seconds, and ms per event."""
+    lines = [f"   CPU over {r['wall']:.1f} s of wall time ({r['events']} events; the machine has {os.cpu_count()} cores):"]
+    for label, seconds in sorted(r["cpu"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"   {label:<28} {seconds:7.1f} s  {1000 * seconds / max(1, r['events']):6.2f} ms/event")
+    return "\n".join(lines)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -158,7 +177,7 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_
            "TRIALWATCH_STREAM_NAME": f"TWLAT_{tag}", "TRIALWATCH_SUBJECT_PREFIX": f"twlat{tag}",
            "TRIALWATCH_INVESTIGATOR_EMAILS": ",".join(INVESTIGATORS), "TRIALWATCH_DATA_DIR": str(tmp / tag)}
     logs = Path(os.environ.get("BENCH_LOG_DIR", tmp))  # the services' logs, kept where BENCH_LOG_DIR says
-    services = [start_service(role, env, logs / f"{role}-{tag}.log") for role in ("ingest", "safety", "notify")]
+    services = [start_service(role, env, logs / f"{role}-{tag}.log") for role in ROLES]
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
                                      headers={"Authorization": f"Bearer {token}"},
@@ -176,13 +195,23 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_
             await caught_up(nats_url, env["TRIALWATCH_STREAM_NAME"])
             await asyncio.sleep(6)  # the settle period passes: the load meets a quiet system
             arrivals.seen.clear()
-            sent, errors = await open_loop(client, subjects, rate, seconds, list(urgent))
+            meter = Meter({**{role: [p.pid] for role, p in zip(ROLES, services, strict=True)},
+                           "postgres (this database)": await backends(name),
+                           "nats-server (shared)": pids_named("nats-server"), "load + SMTP (this process)": [os.getpid()]})
+            lean = LeanClient("127.0.0.1", port, headers={"Authorization": f"Bearer {token}"})
+            meter.start()
+            began = time.perf_counter()
+            try:
+                sent, errors = await open_loop(lean, subjects, rate, seconds, list(urgent))
+            finally:
+                await lean.close()
             deadline = time.perf_counter() + 60
             while time.perf_counter() < deadline:
                 mailed = {s for _, subject, _ in arrivals.seen for s in sent if s in subject}
                 if mailed >= set(sent):
                     break
                 await asyncio.sleep(0.2)
+            cpu, wall = meter.stop(), time.perf_counter() - began
             await asyncio.sleep(2)  # a duplicate would come now
         latencies, copies = [], defaultdict(list)
         for at, subject, to in arrivals.seen:
@@ -194,7 +223,8 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_
         return {"rate": rate, "sent": len(sent), "errors": errors, "mailed": len(copies),
                 "p50": percentile(latencies, 0.5) if latencies else float("nan"),
                 "p99": percentile(latencies, 0.99) if latencies else float("nan"),
-                "max": max(latencies, default=float("nan")), "exactly_once": exactly_once}
+                "max": max(latencies, default=float("nan")), "exactly_once": exactly_once,
+                "cpu": cpu, "wall": wall, "events": int(rate * seconds)}
     finally:
         for process in services:
             process.send_signal(signal.SIGTERM)
@@ -226,6 +256,7 @@ async def main() -> None:
             print(f"| {r['rate']:>8} | {r['sent']:>6} | {r['mailed']:>6} | {r['errors']:>6} | {r['p50']:>6.2f} | "
                   f"{r['p99']:>6.2f} | {r['max']:>6.2f} | {'yes' if r['exactly_once'] else 'NO':>12} | "
                   f"{'yes' if r['p99'] < 1 else 'no':>9} |", flush=True)
+            print(cpu_table(r), flush=True)
 
 
 if __name__ == "__main__":
