@@ -21,8 +21,8 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Protocol
 
 import nats
 from faststream import AckPolicy
@@ -253,9 +253,19 @@ def _consumer_config(durable: str, ack_wait: float) -> ConsumerConfig:
     )
 
 
+class Intake(Protocol):
+    """What takes a fetched batch of raw messages (and acks or naks each)."""
+
+    async def handle(self, raws: list[Any]) -> None: ...
+
+
 class BatchPuller:
     """One durable pull consumer over every event subject, fetched ``batch_size`` at a time with
     nats-py: one fetch per round, whatever it returns handed to ``subscription`` whole.
+
+    ``types``: the event types the consumer acts on. A message of any other type is acked as it
+    arrives, unread (the notifier mails a few types out of every event; NATS 2.9 filters a
+    consumer on one subject only).
 
     Any number of processes may fetch from it: the server hands each batch to one of them.
     (FastStream's batch subscriber fetches again with the time left until its batch is full; a
@@ -265,10 +275,11 @@ class BatchPuller:
 
     FETCH_TIMEOUT_S = 1.0
 
-    def __init__(self, nats_url: str, names: BusNames, subscription: BatchSubscription, *, durable: str,
-                 batch_size: int, ack_wait: float = 60.0) -> None:
+    def __init__(self, nats_url: str, names: BusNames, subscription: Intake, *, durable: str,
+                 batch_size: int, ack_wait: float = 60.0, types: Collection[str] | None = None) -> None:
         self.nats_url, self.names, self.subscription = nats_url, names, subscription
         self.durable, self.batch_size, self.ack_wait = durable, batch_size, ack_wait
+        self.subjects = None if types is None else frozenset(names.subject(t) for t in types)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -290,7 +301,13 @@ class BatchPuller:
                     batch = await pull.fetch(self.batch_size, timeout=self.FETCH_TIMEOUT_S)
                 except TimeoutError:
                     continue
-                await self.subscription.handle(batch)
+                if self.subjects is not None:
+                    for raw in batch:
+                        if raw.subject not in self.subjects:
+                            await _ack(raw)
+                    batch = [raw for raw in batch if raw.subject in self.subjects]
+                if batch:
+                    await self.subscription.handle(batch)
         finally:
             await nc.close()
 

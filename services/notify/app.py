@@ -13,30 +13,23 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.notify.consumer import DURABLE, build_router
-from services.notify.deliveries import enqueue, recipients_for_event
+from services.notify.consumer import DURABLE, NotifyIntake, build_puller
+from services.notify.deliveries import MAILED_TYPES, enqueue, recipients_for_event
 from services.notify.digests import DigestService
 from services.notify.mailer import Mailer, SmtpMailer
 from services.notify.sender import DeliverySender
 from services.notify.sent_journal import SentJournal
 from shared.background import Background
 from shared.bus import BusNames, ensure_stream, nats_broker
-from shared.consuming import Subscription, process_once
-from shared.events import (
-    ALERT_RAISED,
-    ALERT_WITHDRAWN,
-    DIGEST_REQUESTED,
-    STOPPING_BOUNDARY_CROSSED,
-    StoredEvent,
-)
+from shared.consuming import BatchSubscription, Subscription, process_once
+from shared.events import DIGEST_REQUESTED, StoredEvent
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store.engine import make_engine
 from shared.store.eventstore import now_utc
+from shared.store.outage import is_outage
 
 log = logging.getLogger(__name__)
-
-MAILED = {ALERT_RAISED, STOPPING_BOUNDARY_CROSSED, ALERT_WITHDRAWN}
 
 
 class NotifyService:
@@ -75,8 +68,11 @@ class NotifyService:
             self.engine, self.mailer, self.protocol, recipients=self.dsmb, mail_from=settings.mail_from,
             clock=clock, replica=replica,
         )
-        subscription = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
-        self.broker.include_router(build_router(self.names, subscription, ack_wait=settings.ack_wait_s))
+        mail = BatchSubscription(self.engine, DURABLE, self._queue_many, max_deliver=settings.max_deliver,
+                                 is_outage=is_outage, after_commit=self._mail_queued)
+        single = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
+        self.puller = build_puller(nats_url, self.names, NotifyIntake(self.names, mail, single),
+                                   ack_wait=settings.ack_wait_s)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.background = Background()
 
@@ -85,8 +81,16 @@ class NotifyService:
         if recipients:
             await enqueue(conn, event, recipients, now=self.clock())
 
+    async def _queue_many(self, conn: AsyncConnection, batch: list[StoredEvent]) -> None:
+        for event in batch:
+            if event.type in MAILED_TYPES:
+                await self._queue(conn, event)
+
+    async def _mail_queued(self, batch: list[StoredEvent]) -> None:
+        self.sender.poke()
+
     async def handle(self, event: StoredEvent) -> None:
-        if event.type in MAILED:
+        if event.type in MAILED_TYPES:
             await process_once(self.engine, DURABLE, event, self._queue)
             self.sender.poke()
         elif event.type == DIGEST_REQUESTED:  # sent now, or queued and retried by digests.run
@@ -102,6 +106,7 @@ class NotifyService:
         await ensure_stream(self.nats_url, self.names, replicas=self.replicas)
 
     async def after_start(self) -> None:
+        self.background.start(self.puller.run(self.background.stop))
         self.background.start(self.sender.run(self.background.stop))
         self.background.start(self.digests.run(self.background.stop, self.digest_retry_interval))
         digest = self.protocol.digest

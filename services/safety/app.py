@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.safety.consumer import DURABLE, build_puller
 from services.safety.follower import RULES_LEASE, Lease, TrialFollower, bump_rule_inputs
-from services.safety.handlers import SafetyMonitor, is_outage
+from services.safety.handlers import SafetyMonitor
 from shared.background import Background
 from shared.bus import BusNames, OutboxRelay, ensure_stream, nats_broker
 from shared.consuming import BatchSubscription
@@ -21,6 +21,7 @@ from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store.engine import make_engine
 from shared.store.eventstore import now_utc
+from shared.store.outage import is_outage
 
 log = logging.getLogger(__name__)
 

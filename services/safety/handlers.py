@@ -30,7 +30,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, insert, select, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.safety.domain.reconcile import Append, plan
@@ -42,7 +41,8 @@ from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, alert_id_f
 from shared.patients import PATIENT_TYPES, read_rule_inputs, rule_input_of, set_aside_subjects
 from shared.protocol import Protocol
 from shared.store import eventstore
-from shared.store.eventstore import StoreError, utc
+from shared.store.eventstore import utc
+from shared.store.outage import is_outage
 from shared.store.tables import due_checks, events, patient_failures, patient_projection, stopping_rule_state
 from shared.store.tables import rule_inputs as rule_inputs_table
 from shared.store.upsert import upsert, upsert_many, upsert_returning
@@ -69,27 +69,6 @@ def next_moment(state: PatientState) -> datetime | None:
     changes who is evaluable for the stopping rules)."""
     moments = [m for m in (state.next_due_at(), state.next_window_close_at()) if m is not None]
     return min(moments, default=None)
-
-
-# PostgreSQL error classes that are the server's state, not the data: connection (08), a
-# transaction rolled back by a deadlock or a serialisation failure (40), resources (53), operator
-# intervention (57), system (58); and a lock not available (55P03).
-OUTAGE_CLASSES = ("08", "40", "53", "57", "58")
-
-
-def is_outage(exc: BaseException) -> bool:
-    """An error of the store or of concurrency, not of the patient's record: retry the batch.
-
-    A lost or refused connection, a busy SQLite file, a timeout, a deadlock the server broke, and
-    another worker that appended the same alert first (the retry then finds it) are nobody's
-    data; everything else raised while evaluating one patient is that patient's, and sets it aside.
-    """
-    if isinstance(exc, OperationalError | InterfaceError | TimeoutError | ConnectionError | StoreError):
-        return True
-    if isinstance(exc, DBAPIError):
-        state = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
-        return bool(exc.connection_invalidated) or state[:2] in OUTAGE_CLASSES or state == "55P03"
-    return False
 
 
 def _latest(events: Iterable[StoredEvent]) -> StoredEvent | None:
