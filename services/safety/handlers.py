@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -126,19 +126,22 @@ class SafetyMonitor:
         changed (the rules must look again, and a withdrawal then says why)."""
         causes = {e.subject_id: e for e in batch if e.type in PATIENT_TYPES and e.subject_id is not None}
         await lock_patients(conn, causes)
+        moved = await self.evaluate_all(conn, causes)
+        return _latest(e for s in moved if (e := causes[s]) is not None)
+
+    async def evaluate_all(self, conn: AsyncConnection, causes: Mapping[str, StoredEvent | None]) -> list[str]:
+        """Evaluate these patients (locked by the caller), together when their writes go through,
+        else one by one behind their bulkheads; those whose rule inputs changed."""
         if len(causes) > 1:
             try:
                 async with conn.begin_nested():
-                    moved = await self.evaluate_many(conn, causes)
+                    return await self.evaluate_many(conn, causes)
             except Exception as exc:  # somebody's record cannot be written: each behind its own bulkhead
                 if is_outage(exc):
                     raise
                 log.warning("safety: a batch of %d patients failed together (%s: %s); evaluating them one by one",
                             len(causes), type(exc).__name__, exc)
-            else:
-                return _latest(causes[s] for s in moved)
-        moved = [s for s in sorted(causes) if await self.evaluate_guarded(conn, s, cause=causes[s])]
-        return _latest(causes[s] for s in moved)
+        return [s for s in sorted(causes) if await self.evaluate_guarded(conn, s, cause=causes[s])]
 
     async def on_event(self, conn: AsyncConnection, event: StoredEvent) -> None:
         """One event, the patient and then the rules (tests and single-worker callers)."""
@@ -164,8 +167,7 @@ class SafetyMonitor:
         for begin in range(0, len(subjects), SWEEP_BATCH):
             async with self.engine.begin() as conn:
                 await lock_patients(conn, subjects[begin:begin + SWEEP_BATCH])
-                for subject_id in sorted(subjects[begin:begin + SWEEP_BATCH]):
-                    await self.evaluate_guarded(conn, subject_id)
+                await self.evaluate_all(conn, dict.fromkeys(subjects[begin:begin + SWEEP_BATCH]))
         await self.check(None)
         return len(subjects)
 
@@ -246,7 +248,7 @@ class SafetyMonitor:
         await self._due(conn, subject_id, decision.due)
         return await self._write_rule_inputs(conn, subject_id, decision.rule_rows)
 
-    async def evaluate_many(self, conn: AsyncConnection, causes: dict[str, StoredEvent]) -> list[str]:
+    async def evaluate_many(self, conn: AsyncConnection, causes: Mapping[str, StoredEvent | None]) -> list[str]:
         """``evaluate_guarded`` of several patients in a few statements: their streams and alerts
         read at once, each decided (one whose decision raises is set aside), the decisions
         written together. The patients whose rule inputs changed. A write that fails fails them
