@@ -3,7 +3,7 @@
 For each trial size it builds a store of that many patients (enrolment, a course, a lab), rebuilds
 the read models with ``replay``, then appends the same number of new events (labs on random
 patients, one in 25 a grade 3 CRS) and times the safety service on them two ways:
-- batched, as the consumer runs now: ``on_batch`` over a batch, then the trial follower once;
+- batched, as the consumer runs now: ``on_batch`` over a batch, the trial follower at most every 0.25 s;
 - one at a time: each event in its own transaction, the rules right after (the old consumer's shape).
 Each figure is printed beside its baseline from the same run, with the ratio: events/s at the
 large trial against the small one; replay against an asyncpg cursor + pydantic decode of the same
@@ -104,12 +104,18 @@ async def timed(work: Callable[[], Awaitable[Any]]) -> float:
 
 async def batched(engine: AsyncEngine, monitor: SafetyMonitor, follower: TrialFollower,
                   load: list[StoredEvent]) -> None:
+    """The consumer's batches, and the follower as it runs beside them (``TrialFollower.run``):
+    after a batch, but at most once an ``interval``; and once more at the end."""
+    stepped = float("-inf")
     for begin in range(0, len(load), BATCH):
         async with engine.begin() as conn:
             cause = await monitor.on_batch(conn, load[begin:begin + BATCH])
             if cause is not None:
                 await bump_rule_inputs(conn, cause)
-        await follower.step()
+        if time.perf_counter() - stepped >= follower.interval:
+            stepped = time.perf_counter()
+            await follower.step()
+    await follower.step()
 
 
 async def one_at_a_time(engine: AsyncEngine, monitor: SafetyMonitor, load: list[StoredEvent]) -> None:

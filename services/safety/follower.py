@@ -131,15 +131,19 @@ class TrialFollower:
             return False
         async with self.engine.begin() as conn:
             await lock_patients(conn, due)
-            for subject_id in sorted(set(due)):
-                await self.monitor.evaluate_guarded(conn, subject_id)
+            await self.monitor.evaluate_all(conn, dict.fromkeys(sorted(set(due))))
             await self.monitor.evaluate_stopping(conn, cause=cause if version != self._seen else None)
         self._seen = version
         self.after()
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Step on every poke and every ``interval``, but at most once an ``interval``: the rules
+        read every patient's inputs, so under a stream of batches they look once a quarter second,
+        not once a batch (a crossing waits for the records to settle anyway, seconds longer)."""
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
+            began = loop.time()
             try:
                 if await self.lead():
                     await self.step()
@@ -151,4 +155,6 @@ class TrialFollower:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
             except TimeoutError:
                 pass
+            if not stop.is_set():
+                await asyncio.sleep(max(0.0, began + self.interval - loop.time()))
         await self.lease.release()
