@@ -118,7 +118,9 @@ def ingest_app(settings: Settings, engine: AsyncEngine, nats_url: str) -> Any:
 
 
 async def serve_http(settings: Settings, app: Any) -> None:
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info")
+    # http="httptools": the C parser (uvicorn's "auto" picks it too; named so a missing one fails loudly).
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info",
+                            http="httptools", access_log=settings.access_log)
     await uvicorn.Server(config).serve()
 
 
