@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.ingest import auth, bulk, handlers, queries
 from services.ingest.auth import Principal
 from services.ingest.bodies import StrictJsonRoute
-from services.ingest.dependencies import Writer, aware_time, if_match, key_for, permit, permit_write
+from services.ingest.dependencies import (
+    Writer,
+    aware_time,
+    key_for,
+    permit,
+    permit_conditional_write,
+    permit_write,
+)
 from services.ingest.domain.errors import (
     FieldProblem,
     Invalid,
@@ -45,9 +52,8 @@ KNOWN_ERRORS = {
 }
 
 router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses=documented(401, 403, 503))
-IfMatch = Annotated[int | None, Depends(if_match)]
 Enroller = Annotated[Writer, Depends(permit_write(auth.ENROL))]
-Recorder = Annotated[Writer, Depends(permit_write(auth.RECORD_EVENT))]
+Recorder = Annotated[Writer, Depends(permit_conditional_write(auth.RECORD_EVENT))]
 Importer = Annotated[Principal, Depends(permit(auth.RECORD_EVENT))]  # the bulk import reads its own key
 PatientReader = Annotated[Principal, Depends(permit(auth.READ_PATIENTS))]
 AlertReader = Annotated[Principal, Depends(permit(auth.READ_ALERTS))]
@@ -100,10 +106,9 @@ async def enrol(request: Request, who: Enroller, body: Enrolment) -> JSONRespons
 
 @router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event",
              responses=documented(404, 409, 412, 422))
-async def record_event(request: Request, who: Recorder, expected: IfMatch, subject_id: Subject,
-                       body: ClinicalEventBody) -> JSONResponse:
+async def record_event(request: Request, who: Recorder, subject_id: Subject, body: ClinicalEventBody) -> JSONResponse:
     cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.principal.user,
-                               site_scope=who.principal.site_scope, expected_version=expected)
+                               site_scope=who.principal.site_scope, expected_version=who.expected_version)
     protocol, now = request.app.state.protocol, _now(request)
     return _answer(await _uow(request).write(
         lambda ledger: handlers.record_event(ledger, cmd, protocol=protocol, now=now), _created, who.key,

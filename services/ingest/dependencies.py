@@ -27,6 +27,7 @@ _bearer = HTTPBearer(auto_error=False, description="a token from `trialwatch tok
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
+IfMatchHeader = Annotated[str | None, Header(alias="If-Match")]
 
 # Each route takes one dependency for its caller (FastAPI solves a tree of them on every request,
 # a sixth of the API's CPU when the caller was three nested ones): the checks below are plain
@@ -35,10 +36,12 @@ IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
 
 @dataclass(frozen=True)
 class Writer:
-    """Who writes, and the Idempotency-Key the write was sent with (None without one)."""
+    """Who writes, the Idempotency-Key the write was sent with, and the stream version it is
+    conditional on (If-Match); None for a header not sent."""
 
     principal: Principal
     key: IdempotencyKey | None
+    expected_version: int | None = None
 
 
 async def authenticated(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
@@ -73,10 +76,27 @@ def permit_write(action: str) -> Callable[[Request, HTTPAuthorizationCredentials
     request's Idempotency-Key."""
 
     async def permitted(request: Request, credentials: Credentials, key: IdempotencyHeader = None) -> Writer:
-        principal = _allowed(await authenticated(request, credentials), action)
-        return Writer(principal, None if key is None else key_for(request, principal, key, await request.body()))
+        return await _writer(request, credentials, key, action)
 
     return permitted
+
+
+def permit_conditional_write(action: str) -> Callable[
+        [Request, HTTPAuthorizationCredentials | None, str | None, str | None], Awaitable[Writer]]:
+    """``permit_write`` for a write that may be conditional on the stream version (If-Match)."""
+
+    async def permitted(request: Request, credentials: Credentials, key: IdempotencyHeader = None,
+                        expected: IfMatchHeader = None) -> Writer:
+        writer = await _writer(request, credentials, key, action)
+        return Writer(writer.principal, writer.key, if_match(expected))
+
+    return permitted
+
+
+async def _writer(request: Request, credentials: HTTPAuthorizationCredentials | None, key: str | None,
+                  action: str) -> Writer:
+    principal = _allowed(await authenticated(request, credentials), action)
+    return Writer(principal, None if key is None else key_for(request, principal, key, await request.body()))
 
 
 def key_for(request: Request, principal: Principal, key: str, body: bytes) -> IdempotencyKey:
@@ -90,7 +110,7 @@ def key_for(request: Request, principal: Principal, key: str, body: bytes) -> Id
                           body_hash=body_hash(body))
 
 
-async def if_match(value: Annotated[str | None, Header(alias="If-Match")] = None) -> int | None:
+def if_match(value: str | None) -> int | None:
     """``If-Match: 3`` or an ETag-style ``"3"``: the stream version the caller last saw."""
     if value is None:
         return None
