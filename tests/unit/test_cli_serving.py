@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from typing import Any
 
@@ -47,3 +48,13 @@ def test_the_access_log_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch,
     asyncio.run(runner.serve_http(Settings(_env_file=None), app))
     assert configs[0].access_log is expected
     assert configs[0].http == "httptools"
+
+
+def test_what_start_up_built_is_kept_out_of_the_collectors_walks() -> None:
+    built_at_start_up = [object() for _ in range(10)]
+    try:
+        runner.settle_heap()
+        frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()  # this test process lives on: let its objects be collected again
+    assert frozen >= len(built_at_start_up)
