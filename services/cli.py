@@ -11,7 +11,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,19 @@ def _serve(service: Coroutine[Any, Any, None]) -> None:
     way Ctrl-C does, through every ``finally``, rather than killing it on the spot (uvicorn
     re-raises the signal after its own shutdown, which would skip stopping the embedded broker)."""
     signal.signal(signal.SIGTERM, _stopped_by_sigterm)
-    asyncio.run(service)
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(service)
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed (not on Windows): a service started by ``asyncio.run``
+    gets the standard loop whatever uvicorn's own ``loop="auto"`` says, and the standard loop's
+    scheduling and socket writes were a tenth of the ingest's time under load."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 MIGRATE = typer.Option(True, "--migrate/--no-migrate",

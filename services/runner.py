@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -118,7 +119,9 @@ def ingest_app(settings: Settings, engine: AsyncEngine, nats_url: str) -> Any:
 
 
 async def serve_http(settings: Settings, app: Any) -> None:
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info")
+    # http="httptools": the C parser (uvicorn's "auto" picks it too; named so a missing one fails loudly).
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info",
+                            http="httptools", access_log=settings.access_log)
     await uvicorn.Server(config).serve()
 
 
@@ -160,7 +163,17 @@ async def run_ingest(settings: Settings, *, migrate: bool = True) -> None:
     nats_url = _require(settings.nats_url, "TRIALWATCH_NATS_URL")
     await ensure_stream(nats_url, names_of(settings), replicas=settings.stream_replicas)
     engine = make_engine(settings.resolved_database_url)
-    await serve_http(settings, ingest_app(settings, engine, nats_url))
+    app = ingest_app(settings, engine, nats_url)
+    settle_heap()
+    await serve_http(settings, app)
+
+
+def settle_heap() -> None:
+    """Put what start-up built (every module, the app, the protocol: a quarter of a million
+    objects) beyond the garbage collector's reach. Each full collection walked all of it, about
+    0.2 s with the server standing still: the ingest's p99 under load was those pauses."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _run_until_signal(app: Any) -> None:

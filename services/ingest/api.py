@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.ingest import auth, bulk, handlers, queries
 from services.ingest.auth import Principal
 from services.ingest.bodies import StrictJsonRoute
-from services.ingest.dependencies import aware_time, idempotency_key, if_match, key_for, permit
+from services.ingest.dependencies import (
+    Writer,
+    aware_time,
+    key_for,
+    permit,
+    permit_conditional_write,
+    permit_write,
+)
 from services.ingest.domain.errors import (
     FieldProblem,
     Invalid,
@@ -27,7 +34,7 @@ from services.ingest.domain.errors import (
     UnknownPatient,
     VersionMismatch,
 )
-from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused
+from services.ingest.idempotency import Answer, KeyReused
 from services.ingest.problems import Known, Problem, documented
 from services.ingest.unit_of_work import UnitOfWork
 from shared.events import SUBJECT_ID_PATTERN, ClinicalEventBody, Enrolment, StoredEvent
@@ -45,15 +52,14 @@ KNOWN_ERRORS = {
 }
 
 router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses=documented(401, 403, 503))
-Key = Annotated[IdempotencyKey | None, Depends(idempotency_key)]
-IfMatch = Annotated[int | None, Depends(if_match)]
-Enroller = Annotated[Principal, Depends(permit(auth.ENROL))]
-Recorder = Annotated[Principal, Depends(permit(auth.RECORD_EVENT))]
+Enroller = Annotated[Writer, Depends(permit_write(auth.ENROL))]
+Recorder = Annotated[Writer, Depends(permit_conditional_write(auth.RECORD_EVENT))]
+Importer = Annotated[Principal, Depends(permit(auth.RECORD_EVENT))]  # the bulk import reads its own key
 PatientReader = Annotated[Principal, Depends(permit(auth.READ_PATIENTS))]
 AlertReader = Annotated[Principal, Depends(permit(auth.READ_ALERTS))]
-Acknowledger = Annotated[Principal, Depends(permit(auth.ACKNOWLEDGE_ALERT))]
+Acknowledger = Annotated[Writer, Depends(permit_write(auth.ACKNOWLEDGE_ALERT))]
 RuleReader = Annotated[Principal, Depends(permit(auth.READ_STOPPING_RULES))]
-DigestRequester = Annotated[Principal, Depends(permit(auth.REQUEST_DIGEST))]
+DigestRequester = Annotated[Writer, Depends(permit_write(auth.REQUEST_DIGEST))]
 AsOf = Annotated[datetime | None, Depends(aware_time("as_of"))]
 Since = Annotated[datetime | None, Depends(aware_time("since"))]
 Subject = Annotated[str, Path(pattern=SUBJECT_ID_PATTERN, description="1-32 letters, digits or -")]
@@ -90,23 +96,22 @@ def _accepted(stored: StoredEvent) -> Answer:
 
 
 @router.post("/patients", status_code=201, summary="Enrol a patient", responses=documented(409, 422))
-async def enrol(request: Request, who: Enroller, key: Key, body: Enrolment) -> JSONResponse:
-    cmd = handlers.Enrol(body, recorded_by=who.user, site_scope=who.site_scope)
+async def enrol(request: Request, who: Enroller, body: Enrolment) -> JSONResponse:
+    cmd = handlers.Enrol(body, recorded_by=who.principal.user, site_scope=who.principal.site_scope)
     protocol, now = request.app.state.protocol, _now(request)
     return _answer(await _uow(request).write(
-        lambda ledger: handlers.enrol(ledger, cmd, protocol=protocol, now=now), _created, key,
+        lambda ledger: handlers.enrol(ledger, cmd, protocol=protocol, now=now), _created, who.key,
         subjects=(body.subject_id,)))
 
 
 @router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event",
              responses=documented(404, 409, 412, 422))
-async def record_event(request: Request, who: Recorder, key: Key, expected: IfMatch, subject_id: Subject,
-                       body: ClinicalEventBody) -> JSONResponse:
-    cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.user, site_scope=who.site_scope,
-                               expected_version=expected)
+async def record_event(request: Request, who: Recorder, subject_id: Subject, body: ClinicalEventBody) -> JSONResponse:
+    cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.principal.user,
+                               site_scope=who.principal.site_scope, expected_version=who.expected_version)
     protocol, now = request.app.state.protocol, _now(request)
     return _answer(await _uow(request).write(
-        lambda ledger: handlers.record_event(ledger, cmd, protocol=protocol, now=now), _created, key,
+        lambda ledger: handlers.record_event(ledger, cmd, protocol=protocol, now=now), _created, who.key,
         subjects=(subject_id,)))
 
 
@@ -131,7 +136,7 @@ async def _limited_body(request: Request) -> bytes:
 @router.post("/events:bulk", summary="Import many records at once (NDJSON, one result per line)",
              responses=documented(413, 415, 422),
              openapi_extra={"requestBody": {"content": {NDJSON: {"schema": {"type": "string"}}}, "required": True}})
-async def bulk_import(request: Request, who: Recorder,
+async def bulk_import(request: Request, who: Importer,
                       idempotency: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
     media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if media != NDJSON:
@@ -181,12 +186,12 @@ async def alerts(request: Request, who: AlertReader, since: Since,
 
 
 @router.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert", responses=documented(404, 422))
-async def acknowledge(request: Request, who: Acknowledger, key: Key, alert_id: uuid.UUID,
+async def acknowledge(request: Request, who: Acknowledger, alert_id: uuid.UUID,
                       body: AcknowledgeBody | None = None) -> JSONResponse:
-    cmd = handlers.AcknowledgeAlert(alert_id, body.note if body else None, acknowledged_by=who.user)
+    cmd = handlers.AcknowledgeAlert(alert_id, body.note if body else None, acknowledged_by=who.principal.user)
     now = _now(request)
     return _answer(await _uow(request).run(
-        lambda conn: handlers.acknowledge_alert(conn, cmd, now=now), _acknowledged, key))
+        lambda conn: handlers.acknowledge_alert(conn, cmd, now=now), _acknowledged, who.key))
 
 
 @router.get("/stopping-rules", summary="Each stopping rule against its boundary")
@@ -197,7 +202,7 @@ async def stopping_rules(request: Request, who: RuleReader) -> dict[str, Any]:
 
 
 @router.post("/digests", status_code=202, summary="Send the DSMB summary now", responses=documented(422))
-async def digest(request: Request, who: DigestRequester, key: Key) -> JSONResponse:
-    cmd, now = handlers.RequestDigest(requested_by=who.user), _now(request)
+async def digest(request: Request, who: DigestRequester) -> JSONResponse:
+    cmd, now = handlers.RequestDigest(requested_by=who.principal.user), _now(request)
     return _answer(await _uow(request).run(
-        lambda conn: handlers.request_digest(conn, cmd, now=now), _accepted, key))
+        lambda conn: handlers.request_digest(conn, cmd, now=now), _accepted, who.key))

@@ -18,7 +18,7 @@ from shared.embedded_nats import EmbeddedNats
 from shared.events import NewEvent, StoredEvent, patient_stream
 from shared.store import eventstore
 from shared.store.tables import outbox
-from tests.support.faults import bus_url, fresh_names, messages_on, own_nats  # noqa: F401 - fixtures
+from tests.support.faults import bus_url, fresh_names, jetstream, messages_on, own_nats  # noqa: F401 - fixtures
 from tests.support.system import eventually
 
 PROBE = "relay_probe"  # a type of its own: other tests' leftover rows land on other subjects
@@ -158,3 +158,16 @@ async def test_a_window_of_rows_is_published_together_in_order_and_deleted_once_
         assert rounds == [10, 10, 5, 0]
         assert await published(bus_url, relay) == [str(e.event_id) for e in stored]
         assert await waiting(engine, *stored) == {}
+
+
+async def test_a_message_carries_the_event_id_as_its_correlation_id(
+    engine: AsyncEngine, relay: OutboxRelay, bus_url: str  # noqa: F811
+) -> None:
+    event = await append_probe(engine)
+    assert await relay.publish_pending() == 1
+    async with jetstream(bus_url) as js:
+        msg = await js.get_msg(relay.names.stream, seq=1, subject=relay.names.subject(PROBE), next=True)
+    # Not a random id drawn per message: the event's own (it has no correlation id of its own).
+    assert msg.headers is not None
+    assert msg.headers["correlation_id"] == msg.headers["Nats-Msg-Id"] == str(event.event_id)
+    assert msg.headers["content-type"] == "application/json"
