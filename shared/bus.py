@@ -24,7 +24,7 @@ from nats.js.api import StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.events import StoredEvent
 from shared.store.eventstore import to_stored
@@ -155,36 +155,55 @@ class OutboxRelay:
         )
 
     async def publish_pending(self) -> int:
-        """Publish what is waiting; returns how many rows were published and deleted."""
-        async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(events)
-                    .join(outbox, outbox.c.position == events.c.position)
-                    .order_by(events.c.position)
-                    .limit(self.batch)
-                )
-            ).all()
-        pending = [to_stored(row) for row in rows]
+        """Publish what is waiting; returns how many rows were published and deleted.
+
+        On PostgreSQL the rows are taken ``FOR UPDATE SKIP LOCKED`` in the transaction that
+        deletes them: the ingest's and the safety service's relays (and every replica's) publish
+        disjoint rows instead of racing each other to the same ones (the server would drop the
+        copy, but each was read, encoded and sent twice). SQLite has one writer and no row locks:
+        there the rows are read, published, then deleted in a second transaction, as before.
+        """
+        if self.engine.dialect.name == "postgresql":
+            async with self.engine.begin() as conn:
+                pending = await self._pending(conn, lock=True)
+                acked, failed = await self._publish_all(pending)
+                await self._settle(conn, acked, failed)
+        else:
+            async with self.engine.connect() as conn:
+                pending = await self._pending(conn, lock=False)
+            acked, failed = await self._publish_all(pending)
+            async with self.engine.begin() as conn:
+                await self._settle(conn, acked, failed)
+        if failed:
+            error = failed[0][1]
+            raise error if isinstance(error, Exception) else RuntimeError(repr(error))
+        return len(acked)
+
+    async def _pending(self, conn: AsyncConnection, *, lock: bool) -> list[StoredEvent]:
+        query = select(events).join(outbox, outbox.c.position == events.c.position).order_by(events.c.position)
+        if lock:
+            query = query.with_for_update(of=outbox, skip_locked=True)
+        return [to_stored(row) for row in await conn.execute(query.limit(self.batch))]
+
+    async def _publish_all(self, pending: list[StoredEvent]) -> tuple[list[int], list[tuple[int, BaseException]]]:
         acked: list[int] = []
         failed: list[tuple[int, BaseException]] = []
         for start in range(0, len(pending), self.window):  # a window at a time: requests run between them
             window = pending[start:start + self.window]
             outcomes = await asyncio.gather(*(self._publish(e) for e in window), return_exceptions=True)
-            acked += [e.position for e, outcome in zip(window, outcomes) if outcome is None]
-            failed += [(e.position, outcome) for e, outcome in zip(window, outcomes) if outcome is not None]
+            acked += [e.position for e, outcome in zip(window, outcomes, strict=True) if outcome is None]
+            failed += [(e.position, outcome) for e, outcome in zip(window, outcomes, strict=True) if outcome is not None]
             if failed:
                 break
-        async with self.engine.begin() as conn:
-            if acked:
-                await conn.execute(delete(outbox).where(outbox.c.position.in_(acked)))
-            if failed:
-                await conn.execute(update(outbox).where(outbox.c.position.in_([p for p, _ in failed]))
-                                   .values(attempts=outbox.c.attempts + 1))
+        return acked, failed
+
+    @staticmethod
+    async def _settle(conn: AsyncConnection, acked: list[int], failed: list[tuple[int, BaseException]]) -> None:
+        if acked:
+            await conn.execute(delete(outbox).where(outbox.c.position.in_(acked)))
         if failed:
-            error = failed[0][1]
-            raise error if isinstance(error, Exception) else RuntimeError(repr(error))
-        return len(acked)
+            await conn.execute(update(outbox).where(outbox.c.position.in_([p for p, _ in failed]))
+                               .values(attempts=outbox.c.attempts + 1))
 
     async def run(self, stop: asyncio.Event, *, interval: float = 0.2) -> None:
         backoff = interval

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -171,3 +172,29 @@ async def test_a_message_carries_the_event_id_as_its_correlation_id(
     assert msg.headers is not None
     assert msg.headers["correlation_id"] == msg.headers["Nats-Msg-Id"] == str(event.event_id)
     assert msg.headers["content-type"] == "application/json"
+
+
+class CountingRelay(OutboxRelay):
+    """A relay that notes each event it publishes, slowly enough for two to overlap."""
+
+    def __init__(self, *args: Any, seen: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen = seen
+
+    async def _publish(self, event: StoredEvent) -> None:
+        self.seen.append(str(event.event_id))
+        await asyncio.sleep(0.02)
+        await super()._publish(event)
+
+
+async def test_two_relays_at_once_publish_each_row_once_between_them(engine: AsyncEngine, bus_url: str) -> None:  # noqa: F811
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer and no row locks: its relays may both send a row (the server drops the copy)")
+    async with relay_to(engine, bus_url) as first:
+        stored = [await append_probe(engine) for _ in range(12)]
+        seen: list[str] = []
+        relays = [CountingRelay(engine, first.broker, first.names, window=4, seen=seen) for _ in range(2)]
+        await asyncio.gather(*(relay.publish_pending() for relay in relays))
+        assert sorted(seen) == sorted(str(e.event_id) for e in stored)  # each once, by one relay or the other
+        assert await waiting(engine, *stored) == {}
+        assert sorted(await published(bus_url, first)) == sorted(str(e.event_id) for e in stored)
