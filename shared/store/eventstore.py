@@ -56,8 +56,8 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-def _canonical(row: dict[str, Any]) -> bytes:
-    fields = {
+def _canonical_fields(row: dict[str, Any]) -> dict[str, Any]:
+    return {
         "event_id": row["event_id"],
         "stream_id": row["stream_id"],
         "stream_version": row["stream_version"],
@@ -72,11 +72,34 @@ def _canonical(row: dict[str, Any]) -> bytes:
         "correlation_id": row["correlation_id"],
         "causation_id": row["causation_id"],
     }
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def _canonical_json(fields: dict[str, Any]) -> str:
+    """ASCII only (``ensure_ascii``): the server hashes the same text as these bytes."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _canonical(row: dict[str, Any]) -> bytes:
+    return _canonical_json(_canonical_fields(row)).encode()
 
 
 def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + _canonical(row)).hexdigest()
+
+
+# The keys sort as ..., "stream_version", "subject_id", "type": only two JSON strings (or null)
+# follow the top-level stream version, and they cannot hold an unescaped quote, so the last
+# occurrence of this text is the top-level one, whatever ``data`` holds.
+_AROUND_VERSION = '"stream_version":0,"subject_id":'
+
+
+def canonical_around_version(row: dict[str, Any]) -> tuple[str, str]:
+    """An event's canonical JSON before its stream version is known, as the text before and after
+    the version: ``head + str(version) + tail`` is ``_canonical`` of the row at that version."""
+    text = _canonical_json(_canonical_fields(row | {"stream_version": 0}))
+    head, found, tail = text.rpartition(_AROUND_VERSION)
+    assert found, "the canonical JSON always has a stream version followed by a subject id"
+    return head + '"stream_version":', ',"subject_id":' + tail
 
 
 def to_stored(row: Row[Any] | dict[str, Any]) -> StoredEvent:
@@ -159,33 +182,11 @@ class Batch:
         for event in new_events:
             version += 1
             self.position += 1
-            occurred_at = event.occurred_at.astimezone(UTC)
-            occurred_offset_s = int(event.occurred_at.utcoffset().total_seconds())  # type: ignore[union-attr]
-            row = {
-                "position": self.position,
-                "event_id": str(event.event_id),
-                "stream_id": stream_id,
-                "stream_version": version,
-                "type": event.type,
-                "schema_version": event.schema_version,
-                "subject_id": event.subject_id,
-                "occurred_at": occurred_at,
-                "occurred_offset_s": occurred_offset_s,
-                "recorded_at": recorded_at,
-                "recorded_by": event.recorded_by,
-                "data": event.data,
-                "correlation_id": str(event.correlation_id) if event.correlation_id else None,
-                "causation_id": str(event.causation_id) if event.causation_id else None,
-                "prev_hash": self.hash,
-            }
+            row = _event_row(stream_id, event, recorded_at)
+            row.update(position=self.position, stream_version=version, prev_hash=self.hash)
             row["hash"] = self.hash = chain_hash(self.hash, row)
             self.rows.append(row)
-            stored.append(StoredEvent.model_construct(  # the values are the checked ones of ``event``
-                position=self.position, event_id=event.event_id, stream_id=stream_id, stream_version=version,
-                type=event.type, schema_version=event.schema_version, subject_id=event.subject_id,
-                occurred_at=occurred_at.astimezone(timezone(timedelta(seconds=occurred_offset_s))),
-                recorded_at=utc(recorded_at), recorded_by=event.recorded_by, data=event.data,
-                correlation_id=event.correlation_id, causation_id=event.causation_id))
+            stored.append(_stored(row, event))
         self.versions[stream_id] = version
         return stored
 
@@ -244,6 +245,35 @@ def _pg_arrays(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return arrays
 
 
+def _event_row(stream_id: str, event: NewEvent, recorded_at: datetime) -> dict[str, Any]:
+    """An event's row, but for its position, stream version and hashes."""
+    occurred_at = event.occurred_at.astimezone(UTC)
+    return {
+        "event_id": str(event.event_id),
+        "stream_id": stream_id,
+        "type": event.type,
+        "schema_version": event.schema_version,
+        "subject_id": event.subject_id,
+        "occurred_at": occurred_at,
+        "occurred_offset_s": int(event.occurred_at.utcoffset().total_seconds()),  # type: ignore[union-attr]
+        "recorded_at": recorded_at,
+        "recorded_by": event.recorded_by,
+        "data": event.data,
+        "correlation_id": str(event.correlation_id) if event.correlation_id else None,
+        "causation_id": str(event.causation_id) if event.causation_id else None,
+    }
+
+
+def _stored(row: dict[str, Any], event: NewEvent) -> StoredEvent:
+    return StoredEvent.model_construct(  # the values are the checked ones of ``event``
+        position=row["position"], event_id=event.event_id, stream_id=row["stream_id"],
+        stream_version=row["stream_version"], type=event.type, schema_version=event.schema_version,
+        subject_id=event.subject_id,
+        occurred_at=row["occurred_at"].astimezone(timezone(timedelta(seconds=row["occurred_offset_s"]))),
+        recorded_at=utc(row["recorded_at"]), recorded_by=event.recorded_by, data=event.data,
+        correlation_id=event.correlation_id, causation_id=event.causation_id)
+
+
 async def append(
     conn: AsyncConnection,
     stream_id: str,
@@ -256,13 +286,51 @@ async def append(
 
     ``expected_version`` None appends after whatever is there; an int must equal the stream's
     current version (0: the stream must not exist yet) or ``WrongExpectedVersion`` is raised and
-    nothing is written.
+    nothing is written. On PostgreSQL it is one statement (``_append_on_server``).
     """
+    recorded_at = recorded_at or now_utc()
+    if conn.dialect.name == "postgresql":
+        return await _append_on_server(conn, stream_id, new_events, expected_version, recorded_at)
     batch = await Batch.begin(conn)
-    stored = await batch.add(stream_id, new_events, expected_version=expected_version,
-                             recorded_at=recorded_at or now_utc())
+    stored = await batch.add(stream_id, new_events, expected_version=expected_version, recorded_at=recorded_at)
     await batch.flush()
     return stored
+
+
+# The same append as ``Batch`` makes, in one round trip: the function (migration 0007) locks the
+# chain head, reads the stream's version, checks the expected one, chains the hashes over the
+# canonical JSON given in pieces around the version, inserts the events and their outbox rows,
+# drops the stream's patient head and moves the chain head. It answers the stream's version
+# before the append, and the position before it (NULL when the expected version was wrong).
+_SERVER_ARRAYS = {
+    "event_id": "varchar", "type": "varchar", "schema_version": "integer", "subject_id": "varchar",
+    "occurred_at": "timestamptz", "occurred_offset_s": "integer", "recorded_by": "varchar", "data": "json",
+    "correlation_id": "varchar", "causation_id": "varchar", "canonical_head": "text", "canonical_tail": "text",
+}
+_PG_APPEND = text(
+    "SELECT version, after_position FROM eventstore_append(CAST(:stream_id AS varchar), "
+    "CAST(:expected AS integer), CAST(:recorded_at AS timestamptz), "
+    + ", ".join(f"CAST(:{c} AS {t}[])" for c, t in _SERVER_ARRAYS.items()) + ")")
+
+
+async def _append_on_server(conn: AsyncConnection, stream_id: str, new_events: Sequence[NewEvent],
+                            expected_version: int | None, recorded_at: datetime) -> list[StoredEvent]:
+    rows = [_event_row(stream_id, e, recorded_at) for e in new_events]
+    pieces = [canonical_around_version(r) for r in rows]
+    params: dict[str, Any] = {c: [r[c] for r in rows] for c in _SERVER_ARRAYS if not c.startswith("canonical")}
+    params["data"] = [json.dumps(d) for d in params["data"]]
+    params["canonical_head"], params["canonical_tail"] = [h for h, _ in pieces], [t for _, t in pieces]
+    params.update(stream_id=stream_id, expected=expected_version, recorded_at=recorded_at)
+    try:
+        version, after = (await conn.execute(_PG_APPEND, params)).one()
+    except IntegrityError as exc:
+        raise DuplicateEvent(f"event id or stream version taken: {exc.orig}") from exc
+    if after is None:
+        assert expected_version is not None  # the only reason the function writes nothing
+        raise WrongExpectedVersion(stream_id, expected_version, version)
+    for k, row in enumerate(rows, start=1):
+        row.update(position=after + k, stream_version=version + k)
+    return [_stored(row, event) for row, event in zip(rows, new_events, strict=True)]
 
 
 # --- patient heads: what a write needs to know about a patient, kept beside its stream -------
