@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import delete, select, text, update
@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.events import NewEvent, patient_stream
 from shared.store import eventstore
-from shared.store.tables import chain_head, events, outbox
+from shared.store.tables import chain_head, events, events_appended, outbox
 
 
 def new(type_: str = "follow_up", **data: object) -> NewEvent:
@@ -223,3 +223,64 @@ async def read_hash(engine: AsyncEngine, position: int, conn: AsyncConnection | 
         return str(await conn.scalar(select(events.c.hash).where(events.c.position == position)))
     async with engine.connect() as own:
         return str(await own.scalar(select(events.c.hash).where(events.c.position == position)))
+
+
+# --------------------------------------------------------------------------- one append, one statement
+
+
+async def test_what_the_server_hashes_verifies(engine: AsyncEngine) -> None:
+    awkward = {"stream_version": 0, "note": '"stream_version":0,"subject_id":', "ü": "日本 \\ \"", "x": [1.5, None]}
+    async with engine.begin() as conn:
+        await eventstore.append(conn, stream(), [new(**awkward), new(n=2), new(n=3)])
+        await eventstore.append(conn, stream(), [new()])
+    async with engine.connect() as conn:
+        checked, bad, why = await eventstore.verify_chain(conn)
+    assert (bad, why) == (None, "") and checked >= 4
+
+
+async def test_concurrent_appends_to_one_stream_each_follow_the_last(engine: AsyncEngine) -> None:
+    # Each append reads the stream's version after it holds the chain head: none may see a version
+    # from before the one ahead of it committed (it would collide with it and fail).
+    sid = stream()
+
+    async def write(k: int) -> None:
+        async with engine.begin() as conn:
+            await eventstore.append(conn, sid, [new(k=k)])
+
+    await asyncio.gather(*(write(k) for k in range(8)))
+    async with engine.connect() as conn:
+        assert [e.stream_version for e in await eventstore.read_stream(conn, sid)] == list(range(1, 9))
+
+
+async def test_every_event_of_a_many_row_insert_is_counted(own_engine: AsyncEngine) -> None:
+    async with own_engine.begin() as conn:
+        await eventstore.append(conn, stream(), [new(n=k) for k in range(5)])
+        await eventstore.append(conn, stream(), [new()])
+    async with own_engine.connect() as conn:
+        appended = (await conn.execute(select(events_appended))).one()._mapping
+        assert (appended["count"], appended["last_position"]) == (6, 6)
+        assert await eventstore.verify_chain(conn) == (6, None, "")
+
+
+async def test_appending_nothing_writes_nothing(own_engine: AsyncEngine) -> None:
+    async with own_engine.begin() as conn:
+        assert await eventstore.append(conn, stream(), []) == []
+        with pytest.raises(eventstore.WrongExpectedVersion):
+            await eventstore.append(conn, stream(), [], expected_version=3)
+    async with own_engine.connect() as conn:
+        assert await eventstore.verify_chain(conn) == (0, None, "")
+
+
+async def test_what_an_append_answers_is_what_is_read_back(engine: AsyncEngine) -> None:
+    sid = stream()
+    shanghai = timezone(timedelta(hours=8))
+    event = NewEvent(type="lab", subject_id="S-x", occurred_at=datetime(2025, 1, 1, 8, tzinfo=shanghai),
+                     recorded_by="test", data={"test": "neutrophils", "value": 0.4}, correlation_id=uuid.uuid4())
+    async with engine.begin() as conn:
+        answered = await eventstore.append(conn, sid, [event, new()])
+    async with engine.connect() as conn:
+        read = await eventstore.read_stream(conn, sid)
+    assert answered == read
+    assert [e.model_dump(mode="json") for e in answered] == [e.model_dump(mode="json") for e in read]
+    assert answered[0].occurred_at.utcoffset() == timedelta(hours=8)
+    assert answered[0].model_fields_set == read[0].model_fields_set
