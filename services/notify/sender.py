@@ -60,12 +60,13 @@ class DeliverySender:
         lease: timedelta = timedelta(seconds=120),
         batch: int = 50,
         journal: SentJournal | None = None,
+        concurrency: int = 4,
     ) -> None:
         self._engine, self._mailer = engine, mailer
         self._journal = journal or SentJournal(None)
         self._mail_from, self._api_base_url, self._trial_title = mail_from, api_base_url, trial_title
         self._timezone = timezone
-        self._lease, self._batch = lease, batch
+        self._lease, self._batch, self._concurrency = lease, batch, concurrency
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
@@ -108,12 +109,21 @@ class DeliverySender:
         def clock() -> datetime:
             return fixed or now_utc()
 
-        due, sent = await self._due(clock()), 0
-        for row in due:
-            claim = await self._claim(row, clock())
-            if claim is not None and await self._deliver(claim, clock):
-                sent += 1
-        return len(due), sent
+        due, lanes = await self._due(clock()), asyncio.Semaphore(self._concurrency)
+
+        async def one(row: Any) -> bool:
+            async with lanes:
+                claim = await self._claim(row, clock())
+                return claim is not None and await self._deliver(claim, clock)
+
+        # Taken in the order found (urgent first), ``concurrency`` at a time: one mail's SMTP
+        # conversation and fsync do not hold up the next (a withdrawal whose alert is still in
+        # flight is deferred, as when its alert failed: it never overtakes it).
+        outcomes = await asyncio.gather(*(one(row) for row in due), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return len(due), sum(1 for outcome in outcomes if outcome is True)
 
     async def _due(self, now: datetime) -> list[Any]:
         """The due rows, urgent ones first: a backlog of high alerts (a late-entered course's

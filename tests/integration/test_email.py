@@ -298,6 +298,42 @@ async def test_two_senders_racing_send_each_mail_once(
     assert set(copies.values()) == {1}
 
 
+class SlowMailer(RecordingMailer):
+    """A mail server that takes its time over each message, and notes how many it had at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.most_at_once = 0
+
+    async def send(self, message: EmailMessage) -> None:
+        self.in_flight += 1
+        self.most_at_once = max(self.most_at_once, self.in_flight)
+        try:
+            await asyncio.sleep(0.1)
+            await super().send(message)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_mails_go_out_a_few_at_a_time_each_once_urgent_first(own_engine: AsyncEngine) -> None:
+    """One slow SMTP conversation does not hold up the next mail: four at a time, each once."""
+    engine, pi, t0 = own_engine, address("pi"), now_utc()
+    highs = [await raise_alert(engine, severity="high", title=f"Deviation {n}") for n in range(6)]
+    for event in highs:
+        await queue(engine, event, [pi], now=t0)
+    urgent = await raise_alert(engine, title="Grade 4 CRS")
+    await queue(engine, urgent, [pi], now=t0 + timedelta(seconds=1))
+    mailer = SlowMailer()
+    four_lanes = DeliverySender(engine, mailer, mail_from="trialwatch@localhost",
+                                api_base_url="http://127.0.0.1:8000", trial_title=TRIAL, concurrency=4)
+    assert await four_lanes.send_due(now=t0 + timedelta(seconds=2)) == 7
+    assert mailer.most_at_once == 4
+    sent = [str(m["Message-ID"]) for m in mailer.to(pi)]
+    assert sorted(sent) == sorted({message_id_for(e.event_id, pi) for e in [*highs, urgent]})
+    assert "Grade 4 CRS" in str(mailer.to(pi)[0]["Subject"])  # it started first
+    assert await four_lanes.send_due(now=t0 + timedelta(seconds=3)) == 0  # nothing is sent twice
+
+
 # --------------------------------------------------------------------------- withdrawn notices
 
 
