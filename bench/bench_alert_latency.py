@@ -53,11 +53,13 @@ class Arrivals:
 
     def __init__(self) -> None:
         self.seen: list[tuple[float, str, list[str]]] = []
+        self.wall: list[tuple[float, str]] = []
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
         subject = next((line.split(":", 1)[1].strip() for line in envelope.content.decode("utf-8", "replace").splitlines()
                         if line.lower().startswith("subject:")), "")
         self.seen.append((time.perf_counter(), subject, list(envelope.rcpt_tos)))
+        self.wall.append((time.time(), subject))
         return "250 OK"
 
 
@@ -144,6 +146,38 @@ async def backends(database: str) -> list[int]:
         await admin.close()
 
 
+HOPS = ("POST -> stored", "stored -> alert", "alert -> queued", "queued -> sent", "sent -> arrived")
+
+
+async def hop_times(database: str, posted: dict[str, float], arrived: list[tuple[float, str]]) -> dict[str, list[float]]:
+    """Each urgent event's time in each hop, from the store's own timestamps (the same clock)."""
+    admin = await asyncpg.connect(PG_ADMIN.rsplit("/", 1)[0] + "/" + database)
+    try:
+        rows = await admin.fetch("""
+            select e.subject_id, e.recorded_at as stored, a.recorded_at as alerted,
+                   min(d.created_at) as queued, max(d.sent_at) as sent
+            from events e join events a on a.causation_id = e.event_id::text and a.type = 'safety_alert_raised'
+            join deliveries d on d.alert_event_id = a.event_id::text
+            where e.type = 'crs' group by e.subject_id, e.recorded_at, a.recorded_at""")
+    finally:
+        await admin.close()
+    last = {}
+    for at, subject in arrived:
+        for s in posted:
+            if s in subject:
+                last[s] = max(at, last.get(s, 0.0))
+    hops: dict[str, list[float]] = {h: [] for h in HOPS}
+    for r in rows:
+        s = r["subject_id"]
+        if s not in posted or s not in last:
+            continue
+        moments = [posted[s], r["stored"].timestamp(), r["alerted"].timestamp(), r["queued"].timestamp(),
+                   r["sent"].timestamp(), last[s]]
+        for hop, (a, b) in zip(HOPS, zip(moments, moments[1:], strict=False), strict=True):
+            hops[hop].append(b - a)
+    return hops
+
+
 def cpu_table(r: dict[str, Any]) -> str:
     """Where the CPU went from the load's start to its last mail: seconds, and ms per event."""
     lines = [f"   CPU over {r['wall']:.1f} s of wall time ({r['events']} events; the machine has {os.cpu_count()} cores):"]
@@ -212,19 +246,23 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_
                     break
                 await asyncio.sleep(0.2)
             cpu, wall = meter.stop(), time.perf_counter() - began
+            offset = time.time() - time.perf_counter()
+            sent_wall = {s: posted + offset for s, posted in sent.items()}
             await asyncio.sleep(2)  # a duplicate would come now
-        latencies, copies = [], defaultdict(list)
+        latencies, copies, timeline = [], defaultdict(list), []
         for at, subject, to in arrivals.seen:
             for s, posted in sent.items():
                 if s in subject and "URGENT" in subject:
                     copies[s].extend(to)
                     latencies.append(at - posted)
+                    timeline.append((posted - began, at - posted))
         exactly_once = all(sorted(copies[s]) == sorted(INVESTIGATORS) for s in sent)
+        hops = await hop_times(name, sent_wall, arrivals.wall)
         return {"rate": rate, "sent": len(sent), "errors": errors, "mailed": len(copies),
                 "p50": percentile(latencies, 0.5) if latencies else float("nan"),
                 "p99": percentile(latencies, 0.99) if latencies else float("nan"),
                 "max": max(latencies, default=float("nan")), "exactly_once": exactly_once,
-                "cpu": cpu, "wall": wall, "events": int(rate * seconds)}
+                "cpu": cpu, "wall": wall, "events": int(rate * seconds), "timeline": sorted(timeline), "hops": hops}
     finally:
         for process in services:
             process.send_signal(signal.SIGTERM)
@@ -247,6 +285,7 @@ async def main() -> None:
     parser.add_argument("--rates", default="20,50")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--patients", type=int, default=200)
+    parser.add_argument("--slowest", type=int, default=0, help="list the N slowest urgent mails and when they were posted")
     args = parser.parse_args()
     print(f"== POST -> urgent mail, open loop, {args.patients} patients, {args.seconds:.0f} s per rate (PostgreSQL + NATS)")
     print(f"| {'events/s':>8} | {'urgent':>6} | {'mailed':>6} | {'errors':>6} | {'p50 s':>6} | {'p99 s':>6} | {'max s':>6} | exactly once | p99 < 1 s |")
@@ -257,6 +296,12 @@ async def main() -> None:
                   f"{r['p99']:>6.2f} | {r['max']:>6.2f} | {'yes' if r['exactly_once'] else 'NO':>12} | "
                   f"{'yes' if r['p99'] < 1 else 'no':>9} |", flush=True)
             print(cpu_table(r), flush=True)
+            print("   hops (p50 / p99 / max s): " + "; ".join(
+                f"{h} {percentile(v, 0.5):.2f} / {percentile(v, 0.99):.2f} / {max(v):.2f}"
+                for h, v in r["hops"].items() if v), flush=True)
+            if args.slowest:
+                slow = sorted(r["timeline"], key=lambda t: -t[1])[:args.slowest]
+                print("   slowest: " + ", ".join(f"{lat:.2f} s (posted at {at:.1f} s)" for at, lat in slow), flush=True)
 
 
 if __name__ == "__main__":
