@@ -34,6 +34,7 @@ from sqlalchemy import delete, distinct, func, insert, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.safety import read_model_rows
 from services.safety.domain.reconcile import Append, plan
 from services.safety.domain.set_aside import evaluation_failed_alert, printable
 from shared.alert_log import fold_alerts
@@ -288,19 +289,13 @@ class SafetyMonitor:
 
     async def write_many(self, conn: AsyncConnection, decisions: list[Decision]) -> None:
         """Many patients' decisions in a few statements (replay): their old rows go, the new come."""
-        subjects = [d.subject_id for d in decisions]
         await self._append(conn, [a for d in decisions for a in d.appends])
-        for table in (patient_projection, due_checks, rule_inputs_table, patient_failures):
-            await conn.execute(delete(table).where(table.c.subject_id.in_(subjects)))
-        if decisions:
-            await conn.execute(insert(patient_projection), [d.projection for d in decisions])
-        due = [{"subject_id": d.subject_id, "check": "next", "due_at": d.due.astimezone(UTC), "done": False}
-               for d in decisions if d.due is not None]
-        if due:
-            await conn.execute(insert(due_checks), due)
-        rows = [vars(r) for d in decisions for r in d.rule_rows]
-        if rows:
-            await conn.execute(insert(rule_inputs_table), rows)
+        await read_model_rows.replace(conn, read_model_rows.Rows(
+            subjects=[d.subject_id for d in decisions],
+            projections=[d.projection for d in decisions],
+            due=[{"subject_id": d.subject_id, "check": "next", "due_at": d.due.astimezone(UTC), "done": False}
+                 for d in decisions if d.due is not None],
+            rule_inputs=[vars(r) for d in decisions for r in d.rule_rows]))
 
     async def _write_rule_inputs(self, conn: AsyncConnection, subject_id: str, rows: list[RuleInput]) -> bool:
         table = rule_inputs_table
