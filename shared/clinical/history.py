@@ -177,6 +177,7 @@ def _fact(
     original: StoredEvent, type_: str, occurred_at: datetime, data: Mapping[str, Any],
     causes: Sequence[StoredEvent], tz: ZoneInfo,
 ) -> Fact:
+    cause_ids: tuple[uuid.UUID, ...]
     if len(causes) == 1:  # most events: no correction
         cause_ids, recorded_at = (original.event_id,), causes[0].recorded_at
     else:
