@@ -22,7 +22,6 @@ Seeing the same event twice, or replaying all of them, therefore appends nothing
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, distinct, func, insert, select, text
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -43,7 +42,7 @@ from shared.clinical.stopping import RuleInput, crossing_alert, evaluate_inputs,
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED, StoredEvent, alert_id_for, alert_stream, patient_stream
 from shared.patients import PATIENT_TYPES, read_rule_inputs, rule_input_of, set_aside_subjects
 from shared.protocol import Protocol
-from shared.store import eventstore, subject_scan
+from shared.store import eventstore
 from shared.store.eventstore import StoreError, utc
 from shared.store.tables import due_checks, events, patient_failures, patient_projection, stopping_rule_state
 from shared.store.tables import rule_inputs as rule_inputs_table
@@ -181,62 +180,10 @@ class SafetyMonitor:
         return len(subjects)
 
     async def replay(self, *, progress: Callable[[int, int], None] | None = None) -> int:
-        """Rebuild every patient's read model from one pass over the log (``trialwatch replay``):
-        the patients' and the alerts' events are read in (subject, position) order
-        (shared/store/subject_scan.py), and each patient is evaluated once, as soon as its events
-        are in, ``REPLAY_BATCH`` to a transaction; then the rules once. ``progress(done, total)``
-        is told after each transaction."""
-        total = await self._enrolled_count()
-        done, batch = 0, {}
-        async with contextlib.aclosing(subject_scan.by_subject(self.engine, PATIENT_TYPES | ALERT_TYPES)) as scan:
-            async for subject_id, rows in scan:
-                if any(row[TYPE] == PATIENT_ENROLLED for row in rows):
-                    batch[subject_id] = rows
-                if len(batch) == REPLAY_BATCH:
-                    done += await self._replay_batch(batch)
-                    batch = {}
-                    if progress is not None:
-                        progress(done, max(done, total))
-        if batch:
-            done += await self._replay_batch(batch)
-            if progress is not None:
-                progress(done, max(done, total))
-        await self.check(None)
-        return done
+        """Rebuild every patient's read model from one pass over the log (services/safety/replay.py)."""
+        from services.safety.replay import replay  # it builds on this module
 
-    async def _enrolled_count(self) -> int:
-        async with self.engine.connect() as conn:
-            return int(await conn.scalar(select(func.count(distinct(events.c.subject_id)))
-                                         .where(events.c.type == PATIENT_ENROLLED)) or 0)
-
-    async def _replay_batch(self, batch: dict[str, subject_scan.Rows]) -> int:
-        """Decide each patient of ``batch`` (rows as read), then write them all in one transaction;
-        a patient whose rows do not decode or fold is set aside. If the writes fail, each patient
-        is evaluated again behind its own bulkhead."""
-        decisions, failed = [], {}
-        for subject_id, rows in batch.items():
-            try:
-                decision = self.decide(known_of(rows))
-            except Exception as exc:
-                failed[subject_id] = f"{type(exc).__name__}: {exc}"
-                continue
-            if decision is not None:
-                decisions.append(decision)
-        try:
-            async with self.engine.begin() as conn:
-                await lock_patients(conn, batch)
-                await self.write_many(conn, decisions)
-                for subject_id, error in failed.items():
-                    log.error("safety: patient %s set aside: its evaluation failed (%s)", subject_id, error)
-                    await self._set_aside(conn, subject_id, error)
-        except Exception as exc:  # one of them cannot be written: each behind its bulkhead
-            if is_outage(exc):
-                raise
-            async with self.engine.begin() as conn:
-                await lock_patients(conn, batch)
-                for subject_id in sorted(batch):
-                    await self.evaluate_guarded(conn, subject_id)
-        return len(batch)
+        return await replay(self, progress)
 
     # --- one patient ---------------------------------------------------------------------------
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,
@@ -366,17 +313,6 @@ class SafetyMonitor:
 
 
 SWEEP_BATCH = 100
-REPLAY_BATCH = 500  # patients per transaction of a replay (their rows are written a statement per table)
-TYPE = subject_scan.COLUMNS.index("type")
-
-
-def known_of(rows: subject_scan.Rows) -> Known:
-    """One patient's rows as ``subject_scan`` read them, decoded: its stream and its alerts."""
-    known = Known()
-    for row in rows:
-        event = subject_scan.decode(row)
-        (known.alerts if event.type in ALERT_TYPES else known.history).append(event)
-    return known
 
 
 async def stopping_alerts(conn: AsyncConnection, protocol: Protocol) -> dict:  # type: ignore[type-arg]
