@@ -64,7 +64,8 @@ async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_
         await ward.treat(subject)
     # A row no StoredEvent can hold (its data is a list, not an object), planted past every check.
     planted = NewEvent.model_construct(event_id=uuid.uuid4(), type="lab", schema_version=1, subject_id=broken,
-                                       occurred_at=day(3), recorded_by="a bad import", data=["not", "an", "object"],
+                                       occurred_at=day(3), recorded_by="a bad import",
+                                       data=["not", "an", "object"],  # type: ignore[arg-type]
                                        correlation_id=None, causation_id=None)
     async with ward.engine.begin() as conn:
         await eventstore.append(conn, patient_stream(broken), [planted])
