@@ -1,5 +1,6 @@
 """Loading patients from the store: folds of the log (``as_of`` questions, the DSMB summary) and
-the safety service's read models of them (the stopping rules' inputs, the patients set aside)."""
+the safety service's read models of them (the patient list, the stopping rules' inputs, the
+patients set aside)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.clinical.patient import PatientState, fold_patient
@@ -18,7 +19,7 @@ from shared.events import CLINICAL_TYPES, PATIENT_ENROLLED, StoredEvent
 from shared.protocol import Protocol
 from shared.store import eventstore
 from shared.store.eventstore import utc
-from shared.store.tables import patient_failures, rule_inputs
+from shared.store.tables import events, patient_failures, patient_projection, rule_inputs
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +79,48 @@ def rule_input_of(row: Any) -> RuleInput:
 async def set_aside_subjects(conn: AsyncConnection) -> list[str]:
     """Patients the safety service could not evaluate: no rule can count them."""
     return list((await conn.execute(select(patient_failures.c.subject_id))).scalars())
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A patient in the list, as the safety service last evaluated it: ``state`` is its projection
+    (``PatientState.public()`` at that moment), None while it has not been evaluated yet (then
+    ``enrolment`` is all there is); ``failure`` says why it was set aside, if it was."""
+
+    subject_id: str
+    site_id: str
+    enrolment: dict[str, Any] | None
+    state: dict[str, Any] | None
+    failure: str | None
+
+
+async def list_patients(conn: AsyncConnection, *, site_id: str | None = None) -> list[Listed]:
+    """Every enrolled patient (of ``site_id``, if given), by subject id, from the read models and
+    one enrolment row per patient not yet evaluated: no patient's stream is read."""
+    failures = {r.subject_id: r.error for r in await conn.execute(select(patient_failures.c.subject_id,
+                                                                             patient_failures.c.error))}
+    evaluated = select(patient_projection.c.subject_id, patient_projection.c.site_id, patient_projection.c.state)
+    if site_id is not None:
+        evaluated = evaluated.where(patient_projection.c.site_id == site_id)
+    listed = [Listed(r.subject_id, r.site_id, None, r.state, failures.get(r.subject_id))
+              for r in await conn.execute(evaluated)]
+    waiting = select(events.c.subject_id, events.c.data).where(
+        events.c.type == PATIENT_ENROLLED,
+        ~exists().where(patient_projection.c.subject_id == events.c.subject_id))
+    seen = {p.subject_id for p in listed}
+    for row in await conn.execute(waiting.order_by(events.c.position)):
+        site = str(row.data.get("site_id"))
+        if row.subject_id not in seen and (site_id is None or site == site_id):
+            seen.add(row.subject_id)
+            listed.append(Listed(str(row.subject_id), site, row.data, None, failures.get(row.subject_id)))
+    return sorted(listed, key=lambda p: p.subject_id)
+
+
+async def set_aside_note(conn: AsyncConnection, subject_id: str) -> str | None:
+    """The safety service's record that it set the patient aside, in words; None if it has not."""
+    row = (await conn.execute(select(patient_failures).where(patient_failures.c.subject_id == subject_id))).first()
+    if row is None:
+        return None
+    return (f"the safety service set the patient aside ({row.failures} failed evaluation"
+            f"{'' if row.failures == 1 else 's'}, the latest at {utc(row.failed_at).isoformat()}) "
+            "and alerted the investigators")

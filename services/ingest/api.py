@@ -30,6 +30,7 @@ from services.ingest.domain.errors import (
     Invalid,
     OtherSite,
     PatientExists,
+    UnevaluableRecord,
     UnknownAlert,
     UnknownPatient,
     VersionMismatch,
@@ -49,6 +50,7 @@ KNOWN_ERRORS = {
     OtherSite: Known(403, "other-site", "Another site's patient"),
     VersionMismatch: Known(412, "version-mismatch", "Stream version mismatch"),
     DuplicateEvent: Known(409, "concurrent-write", "Concurrent write"),
+    UnevaluableRecord: Known(409, "record-cannot-be-evaluated", "The patient's record cannot be evaluated"),
 }
 
 router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses=documented(401, 403, 503))
@@ -158,7 +160,7 @@ async def bulk_import(request: Request, who: Importer,
         lambda ledger: bulk.import_lines(ledger, parsed, protocol=protocol, now=now), present, key))
 
 
-@router.get("/patients/{subject_id}", summary="The patient's current state", responses=documented(404, 422))
+@router.get("/patients/{subject_id}", summary="The patient's current state", responses=documented(404, 409, 422))
 async def patient(request: Request, who: PatientReader, response: Response, subject_id: Subject) -> dict[str, Any]:
     async with request.app.state.engine.connect() as conn:
         view = await queries.patient_view(conn, subject_id, protocol=request.app.state.protocol,

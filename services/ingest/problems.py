@@ -50,7 +50,8 @@ MEANING = {
     401: "no token, or an unknown or revoked one",
     403: "the token's role may not do this (or a site's staff name another site)",
     404: "no such patient or alert (another site's patient answers so too)",
-    409: "the patient is already enrolled, or a concurrent write came first",
+    409: "the patient is already enrolled, or a concurrent write came first; on reading a patient: its stored "
+         "record cannot be evaluated (the detail names why; a correction or retraction fixes it)",
     412: "If-Match names another stream_version; nothing was stored",
     422: "a field, parameter or header is invalid; `errors` names each",
     503: "the store cannot be reached; retry after Retry-After seconds",

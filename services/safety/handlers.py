@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.safety import read_model_rows
 from services.safety.domain.reconcile import Append, plan
 from services.safety.domain.set_aside import evaluation_failed_alert, printable
 from shared.alert_log import fold_alerts
@@ -172,49 +173,10 @@ class SafetyMonitor:
         return len(subjects)
 
     async def replay(self, *, progress: Callable[[int, int], None] | None = None) -> int:
-        """Rebuild every patient's read model from one pass over the log (``trialwatch replay``):
-        the patients' and the alerts' events are read in position order, in pages, grouped by
-        patient, and each patient is evaluated once, ``SWEEP_BATCH`` to a transaction; then the
-        rules once. ``progress(done, total)`` is told after each transaction."""
-        known: dict[str, Known] = {}
-        async with self.engine.connect() as conn:
-            async for event in eventstore.stream_types(conn, PATIENT_TYPES | ALERT_TYPES):
-                if event.subject_id is not None:
-                    bucket = known.setdefault(event.subject_id, Known())
-                    (bucket.alerts if event.type in ALERT_TYPES else bucket.history).append(event)
-        subjects = sorted(s for s, k in known.items() if any(e.type == PATIENT_ENROLLED for e in k.history))
-        for begin in range(0, len(subjects), SWEEP_BATCH):
-            batch = {subject_id: known.pop(subject_id) for subject_id in subjects[begin:begin + SWEEP_BATCH]}
-            try:
-                async with self.engine.begin() as conn:
-                    await self._replay_batch(conn, batch)
-            except Exception as exc:  # one of them cannot be written: each behind its bulkhead
-                if is_outage(exc):
-                    raise
-                async with self.engine.begin() as conn:
-                    await lock_patients(conn, batch)
-                    for subject_id, one in batch.items():
-                        await self.evaluate_guarded(conn, subject_id, known=one)
-            if progress is not None:
-                progress(min(begin + SWEEP_BATCH, len(subjects)), len(subjects))
-        await self.check(None)
-        return len(subjects)
+        """Rebuild every patient's read model from one pass over the log (services/safety/replay.py)."""
+        from services.safety.replay import replay  # it builds on this module
 
-    async def _replay_batch(self, conn: AsyncConnection, batch: dict[str, Known]) -> None:
-        await lock_patients(conn, batch)
-        decisions, failed = [], {}
-        for subject_id, one in batch.items():
-            try:
-                decision = self.decide(one)
-            except Exception as exc:
-                failed[subject_id] = f"{type(exc).__name__}: {exc}"
-                continue
-            if decision is not None:
-                decisions.append(decision)
-        await self.write_many(conn, decisions)
-        for subject_id, error in failed.items():
-            log.error("safety: patient %s set aside: its evaluation failed (%s)", subject_id, error)
-            await self._set_aside(conn, subject_id, error)
+        return await replay(self, progress)
 
     # --- one patient ---------------------------------------------------------------------------
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,
@@ -318,19 +280,13 @@ class SafetyMonitor:
 
     async def write_many(self, conn: AsyncConnection, decisions: list[Decision]) -> None:
         """Many patients' decisions in a few statements (replay): their old rows go, the new come."""
-        subjects = [d.subject_id for d in decisions]
         await self._append(conn, [a for d in decisions for a in d.appends])
-        for table in (patient_projection, due_checks, rule_inputs_table, patient_failures):
-            await conn.execute(delete(table).where(table.c.subject_id.in_(subjects)))
-        if decisions:
-            await conn.execute(insert(patient_projection), [d.projection for d in decisions])
-        due = [{"subject_id": d.subject_id, "check": "next", "due_at": d.due.astimezone(UTC), "done": False}
-               for d in decisions if d.due is not None]
-        if due:
-            await conn.execute(insert(due_checks), due)
-        rows = [vars(r) for d in decisions for r in d.rule_rows]
-        if rows:
-            await conn.execute(insert(rule_inputs_table), rows)
+        await read_model_rows.replace(conn, read_model_rows.Rows(
+            subjects=[d.subject_id for d in decisions],
+            projections=[d.projection for d in decisions],
+            due=[{"subject_id": d.subject_id, "check": "next", "due_at": d.due.astimezone(UTC), "done": False}
+                 for d in decisions if d.due is not None],
+            rule_inputs=[vars(r) for d in decisions for r in d.rule_rows]))
 
     async def _write_rule_inputs(self, conn: AsyncConnection, subject_id: str, rows: list[RuleInput]) -> bool:
         table = rule_inputs_table

@@ -54,8 +54,9 @@ class Fact:
         return int(self.data.get("grade") or 0)
 
     @property
-    def order(self) -> tuple[datetime, int, str]:
-        return (self.occurred_at, self.position, str(self.event_id))
+    def order(self) -> tuple[datetime, int, int]:
+        # The id's number orders as its text does (fixed-width hex), without formatting it.
+        return (self.occurred_at, self.position, self.event_id.int)
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,26 @@ class Enrolled:
 
 def effective_history(events: Sequence[StoredEvent], tz: ZoneInfo) -> tuple[Enrolled, tuple[Fact, ...]]:
     """The enrolment and the effective clinical events, ordered by clinical time."""
-    unique = {e.event_id: e for e in sorted(events, key=lambda e: (e.recorded_at, e.position))}
+    unique = {e.event_id: e for e in sorted(events, key=_recorded_order)}
     enrolment = _enrolment(unique.values(), tz)
     clinical = {i: e for i, e in unique.items() if e.type in CLINICAL_TYPES}
     live = _live_ids(clinical)
     corrections = _corrections_by_root(clinical, live)
     facts = [
-        _effective(e, corrections.get(i, []), tz)
+        _effective(e, corrections.get(i), tz)
         for i, e in clinical.items()
         if i in live and e.type in OBSERVATION_TYPES
     ]
-    return enrolment, tuple(sorted(facts, key=lambda f: f.order))
+    facts.sort(key=_clinical_order)
+    return enrolment, tuple(facts)
+
+
+def _recorded_order(event: StoredEvent) -> tuple[datetime, int]:
+    return (event.recorded_at, event.position)
+
+
+def _clinical_order(fact: Fact) -> tuple[datetime, int, int]:
+    return (fact.occurred_at, fact.position, fact.event_id.int)  # ``Fact.order``, without the property
 
 
 def _enrolment(events: Iterable[StoredEvent], tz: ZoneInfo) -> Enrolled:
@@ -116,6 +126,8 @@ def _live_ids(events: Mapping[uuid.UUID, StoredEvent]) -> set[uuid.UUID]:
     for e in events.values():
         if e.type == "retraction":
             retracted_by.setdefault(_uuid(e.data.get("retracts_event_id")), []).append(e.event_id)
+    if not retracted_by:
+        return set(events)
     memo: dict[uuid.UUID, bool] = {}
 
     def live(event_id: uuid.UUID, seen: frozenset[uuid.UUID]) -> bool:
@@ -152,7 +164,7 @@ def _root(correction: StoredEvent, events: Mapping[uuid.UUID, StoredEvent]) -> u
     return event.event_id
 
 
-def _effective(original: StoredEvent, corrections: list[StoredEvent], tz: ZoneInfo) -> Fact:
+def _effective(original: StoredEvent, corrections: list[StoredEvent] | None, tz: ZoneInfo) -> Fact:
     if not corrections:
         return _fact(original, original.type, original.occurred_at, original.data, (original,), tz)
     replacement = corrections[-1].data["replacement"]
@@ -165,6 +177,11 @@ def _fact(
     original: StoredEvent, type_: str, occurred_at: datetime, data: Mapping[str, Any],
     causes: Sequence[StoredEvent], tz: ZoneInfo,
 ) -> Fact:
+    cause_ids: tuple[uuid.UUID, ...]
+    if len(causes) == 1:  # most events: no correction
+        cause_ids, recorded_at = (original.event_id,), causes[0].recorded_at
+    else:
+        cause_ids, recorded_at = tuple(c.event_id for c in causes), max(c.recorded_at for c in causes)
     return Fact(
         event_id=original.event_id,
         type=type_,
@@ -172,8 +189,8 @@ def _fact(
         day=occurred_at.astimezone(tz).date(),
         position=original.position,
         data=dict(data),
-        cause_ids=tuple(c.event_id for c in causes),
-        recorded_at=max(c.recorded_at for c in causes),
+        cause_ids=cause_ids,
+        recorded_at=recorded_at,
     )
 
 

@@ -19,10 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest.app import create_app
 from services.ingest.auth import create_token
+from services.safety.handlers import SafetyMonitor
 from shared.embedded_nats import free_port
 from shared.protocol import load_protocol
 from shared.settings import Settings
 from shared.store.engine import make_engine, migrate
+from shared.store.eventstore import now_utc
 from tests.support.services import fresh_database
 
 T = TypeVar("T")
@@ -77,6 +79,15 @@ class IngestThread:
         """Run ``work(engine)`` on the server's loop (seeding tokens and alerts, reading the store)."""
         future: Future[T] = asyncio.run_coroutine_threadsafe(work(self.engine), self.loop)  # type: ignore[arg-type]
         return future.result(timeout=30)
+
+    def evaluate(self) -> None:
+        """What the safety service does when it has caught up (these tests run the ingest alone):
+        every patient evaluated, its read models written, then the stopping rules. The patient
+        list and the stopping-rules page read those rows."""
+        async def sweep(engine: AsyncEngine) -> None:
+            await SafetyMonitor(engine, load_protocol(), now_utc).sweep()
+
+        self.call(sweep)
 
     def token(self, role: str, site: str | None = None, user: str | None = None) -> str:
         async def create(engine: AsyncEngine) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import update
 
 from services.ingest.auth import token_hash
-from shared.events import ALERT_RAISED, AlertRaised, NewEvent, alert_id_for, alert_stream
+from shared.events import ALERT_RAISED, AlertRaised, NewEvent, alert_id_for, alert_stream, patient_stream
 from shared.store import eventstore
 from shared.store.eventstore import now_utc
 from shared.store.tables import api_tokens
@@ -83,10 +84,15 @@ def test_staff_enrol_record_a_crs_and_see_its_grade(new_page: Any, ingest: Inges
     assert page.request.get(f"{ingest.url}/v1/patients/{subject_id}",
                             headers={"Authorization": f"Bearer {token}"}).status == 404
 
-    # Enrolled once eligible; the patient shows in the list.
+    # Enrolled once eligible; the patient shows in the list at once, and its state once the
+    # safety service has evaluated it (the list reads what the safety service wrote).
     enrol(page, subject_id)
     page.goto("/patients")
     assert page.get_by_role("link", name=subject_id).is_visible()
+    assert "awaiting evaluation" in page.get_by_role("row", name=subject_id).inner_text()
+    ingest.evaluate()
+    page.goto("/patients")
+    assert "on study" in page.get_by_role("row", name=subject_id).inner_text()
     shot(page, "03-patients")
 
     # A CRS from observations: the derived grade shows on the timeline as "Grade 3".
@@ -260,6 +266,7 @@ def test_dsmb_sees_the_stopping_rules_and_no_patient(new_page: Any, ingest: Inge
     record_crs(staff, subject_id, temperature="39.5", when=ago(days=1))
     enrol(staff, quiet, enrolled=ago(days=30))
     record_dose(staff, quiet, ago(days=25))
+    ingest.evaluate()  # the page shows the rules over what the safety service wrote
 
     page = new_page()
     sign_in(page, ingest.token("dsmb", user="dsmb-chair"))
@@ -334,6 +341,7 @@ def test_readable_on_a_phone_and_at_200_percent_zoom(new_page: Any, ingest: Inge
     fill_crs(desk, temperature="39.5", when=ago(hours=2))
     desk.get_by_role("button", name="Save").click()
     raise_alert(ingest, subject_id, "S01", f"Grade 3 CRS for {subject_id}")
+    ingest.evaluate()
     dsmb = ingest.token("dsmb", user="dsmb-phone")
 
     for label, size in (("phone", {"width": 390, "height": 844, "scale": 2}),
@@ -349,3 +357,37 @@ def test_readable_on_a_phone_and_at_200_percent_zoom(new_page: Any, ingest: Inge
         sign_in(rules, dsmb)
         shot(rules, f"{label}-stopping-rules")
         assert not overflows_sideways(rules)
+
+
+def test_a_record_the_rules_cannot_take_is_named_on_its_page_and_in_the_list(new_page: Any,
+                                                                             ingest: IngestThread) -> None:
+    staff = new_page()
+    sign_in(staff, ingest.token("site_staff", "S01", user="nurse-poisoned"))
+    subject_id = new_subject()
+    enrol(staff, subject_id)
+    record_dose(staff, subject_id, ago(days=3))
+
+    # A DLI whose cell dose is not a number, planted straight into the store (past every check).
+    bad = NewEvent(type="dli", subject_id=subject_id, occurred_at=now_utc() - timedelta(days=1),
+                   recorded_by="a bad import", data={"mnc_per_kg": "lots"})
+
+    async def plant(engine: Any) -> None:
+        async with engine.begin() as conn:
+            await eventstore.append(conn, patient_stream(subject_id), [bad])
+
+    ingest.call(plant)
+    ingest.evaluate()
+
+    # The patient's page names the failure and offers the retraction; the list marks the patient.
+    answer = staff.goto(f"/patients/{subject_id}")
+    assert answer.status == 409
+    assert staff.get_by_role("heading", name="This patient's record cannot be evaluated").is_visible()
+    assert "lots" in staff.locator("section.problems").inner_text()
+    shot(staff, "15-record-cannot-be-evaluated")
+    staff.get_by_role("link", name="Retract an entry").click()
+    assert staff.get_by_role("button", name="Save").is_visible()
+
+    staff.goto("/patients")
+    row = staff.get_by_role("row", name=subject_id).inner_text()
+    assert "set aside" in row.lower() and "lots" in row
+    shot(staff, "16-patients-set-aside")

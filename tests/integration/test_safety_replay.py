@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,10 @@ import pytest
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.events import ALERT_TYPES
+from shared.events import ALERT_TYPES, NewEvent, patient_stream
 from shared.protocol import Protocol
-from shared.store.tables import due_checks, events, patient_projection, rule_inputs
+from shared.store import eventstore
+from shared.store.tables import due_checks, events, patient_failures, patient_projection, rule_inputs
 from tests.integration.test_safety_monitor import Ward, day, open_ward
 
 
@@ -52,3 +54,28 @@ async def test_replay_rebuilds_every_read_model_from_the_log_and_appends_nothing
     assert await ward.monitor.replay(progress=lambda done, total: told.append((done, total))) == 3
     assert await read_models(ward.engine) == before
     assert told == [(3, 3)]
+
+
+async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_goes_on(trial_ward: Ward) -> None:
+    ward = trial_ward
+    broken, healthy = await ward.enrol(), await ward.enrol()
+    ward.clock.set(day(6, 9))
+    for subject in (broken, healthy):
+        await ward.treat(subject)
+    # A row no StoredEvent can hold (its data is a list, not an object), planted past every check.
+    planted = NewEvent.model_construct(event_id=uuid.uuid4(), type="lab", schema_version=1, subject_id=broken,
+                                       occurred_at=day(3), recorded_by="a bad import",
+                                       data=["not", "an", "object"],  # type: ignore[arg-type]
+                                       correlation_id=None, causation_id=None)
+    async with ward.engine.begin() as conn:
+        await eventstore.append(conn, patient_stream(broken), [planted])
+    async with ward.engine.begin() as conn:
+        for table in (rule_inputs, patient_projection, due_checks):
+            await conn.execute(delete(table))
+
+    assert await ward.monitor.replay() == 2
+    async with ward.engine.connect() as conn:
+        failed = {r.subject_id: r.error for r in await conn.execute(select(patient_failures))}
+        projected = set((await conn.execute(select(patient_projection.c.subject_id))).scalars())
+    assert list(failed) == [broken] and "data" in failed[broken]
+    assert projected == {healthy}

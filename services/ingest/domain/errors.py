@@ -49,3 +49,17 @@ class VersionMismatch(Exception):
 class UnknownAlert(LookupError):
     def __init__(self, alert_id: object) -> None:
         super().__init__(f"no alert {alert_id}")
+
+
+class UnevaluableRecord(Exception):
+    """The patient's stored record cannot be evaluated (the clinical fold raises on it: an entry
+    that slipped past ingest's checks). Its history can still be read, and a correction or
+    retraction of the entry brings the patient back; ``set_aside`` is the safety service's record
+    of the same failure, if it has met it (when, how often)."""
+
+    def __init__(self, subject_id: str, error: str, set_aside: str | None = None) -> None:
+        self.subject_id, self.error, self.set_aside = subject_id, error, set_aside
+        super().__init__(f"the record of patient {subject_id} cannot be evaluated ({error}); "
+                         + (f"{set_aside}; " if set_aside else "")
+                         + f"its history is at /v1/patients/{subject_id}/events, and a correction or "
+                         "retraction of the entry at fault brings the patient back")

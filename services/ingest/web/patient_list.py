@@ -18,7 +18,7 @@ from services.ingest.web.forms import form_fields
 from services.ingest.web.pages import allowed, checked_form, new_form_key, now, render, see_other
 from services.ingest.web.sessions import WebSession
 from shared.events import Enrolment
-from shared.patients import load_patient_states
+from shared.patients import Listed, list_patients
 
 router = APIRouter(include_in_schema=False)
 Reader = Annotated[WebSession, Depends(allowed(auth.READ_PATIENTS))]
@@ -38,21 +38,29 @@ def window_words(window: dict[str, Any], today: date) -> str:
     return status
 
 
+def _row(patient: Listed, today: date) -> dict[str, Any]:
+    """The safety service's last evaluation of the patient; before the first, its enrolment."""
+    if patient.state is None:
+        enrolment = patient.enrolment or {}
+        view = {"subject_id": patient.subject_id, "site_id": patient.site_id, "arm": enrolment.get("arm", ""),
+                "cohort": enrolment.get("cohort", ""), "windows": {},
+                "status": "not_evaluated" if patient.failure else "awaiting_evaluation"}
+    else:
+        view = patient.state
+    return view | {"failure": patient.failure,
+                   "window_words": {n: window_words(w, today) for n, w in view["windows"].items()}}
+
+
 async def _rows(request: Request, session: WebSession) -> list[dict[str, Any]]:
+    """Read from the safety service's read models (``list_patients``), not folded here: the page
+    costs one row per patient, however long their histories."""
     scope, moment = session.principal.site_scope, now(request)
     async with request.app.state.engine.connect() as conn:
-        states = await load_patient_states(conn, request.app.state.protocol, now=moment)
+        patients = await list_patients(conn, site_id=scope)
         alerts = await queries.list_alerts(conn, site_scope=scope, subject_id=None, since=None, status="open")
     open_alerts = Counter(a.subject_id for a in alerts if a.acknowledged_by is None)
     today = moment.astimezone(request.app.state.protocol.tz).date()
-    rows = []
-    for state in states:
-        view = state.public()
-        if scope is not None and view["site_id"] != scope:
-            continue
-        rows.append(view | {"open_alerts": open_alerts.get(view["subject_id"], 0),
-                            "window_words": {n: window_words(w, today) for n, w in view["windows"].items()}})
-    return sorted(rows, key=lambda r: r["subject_id"])
+    return [_row(p, today) | {"open_alerts": open_alerts.get(p.subject_id, 0)} for p in patients]
 
 
 async def _page(request: Request, session: WebSession, *, values: dict[str, str] | None = None,

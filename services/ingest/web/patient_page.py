@@ -2,6 +2,7 @@
 
 # No "from __future__ import annotations": FastAPI reads the routes' annotations at runtime.
 
+import json
 from datetime import date
 from typing import Annotated, Any
 
@@ -10,12 +11,11 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.ingest import auth, queries
-from services.ingest.domain.errors import OtherSite, UnknownPatient
+from services.ingest.domain.errors import OtherSite, UnevaluableRecord, UnknownPatient
 from services.ingest.web import timeline
 from services.ingest.web.forms import OBSERVATION_BODIES
 from services.ingest.web.pages import PageRefused, allowed, local, new_form_key, now, render
 from services.ingest.web.sessions import WebSession
-from shared.clinical.patient import fold_patient
 from shared.events import StoredEvent
 
 router = APIRouter(include_in_schema=False)
@@ -31,6 +31,16 @@ async def visible_history(conn: AsyncConnection, subject_id: str, session: WebSe
     except (UnknownPatient, OtherSite):
         where = f" at site {session.principal.site_scope}" if session.principal.site_scope else ""
         raise PageRefused(404, f"No patient {subject_id} is enrolled{where}.") from None
+
+
+def unevaluable(request: Request, session: WebSession, exc: UnevaluableRecord,
+                history: list[StoredEvent]) -> Response:
+    """The page of a patient whose record the rules cannot take: the failure named, the entries
+    as recorded (no derived grades: nothing could be derived), the way to fix it (409)."""
+    entries = [{"recorded": local(e.recorded_at, request), "type": e.type, "occurred": local(e.occurred_at, request),
+                "recorded_by": e.recorded_by, "data": json.dumps(e.data, ensure_ascii=False)[:500]} for e in history]
+    return render(request, "unevaluable.html.j2", status=409, subject_id=exc.subject_id, error=exc.error,
+                  set_aside=exc.set_aside, entries=entries, may_record=session.principal.may(auth.RECORD_EVENT))
 
 
 def window_rows(windows: dict[str, Any], today: date) -> list[dict[str, Any]]:
@@ -57,7 +67,10 @@ async def patient(request: Request, session: Reader, subject_id: str) -> Respons
         history = await visible_history(conn, subject_id, session)
         alerts = await queries.list_alerts(conn, site_scope=session.principal.site_scope, subject_id=subject_id,
                                            since=None, status=None)
-    state = fold_patient(history, protocol, now=moment)
+        try:
+            state = await queries.evaluated(conn, subject_id, history, protocol=protocol, now=moment)
+        except UnevaluableRecord as exc:
+            return unevaluable(request, session, exc, history)
     view = state.public()
     today = moment.astimezone(protocol.tz).date()
     return render(

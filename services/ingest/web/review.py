@@ -25,9 +25,7 @@ from services.ingest.web.pages import (
     see_other,
 )
 from services.ingest.web.sessions import WebSession
-from shared.clinical.stopping import evaluate_rules
 from shared.events import PATIENT_ENROLLED
-from shared.patients import load_patient_states
 from shared.store import eventstore
 
 router = APIRouter(include_in_schema=False)
@@ -92,16 +90,16 @@ def boundary_ranges(boundary: list[dict[str, int | None]]) -> list[dict[str, int
 
 @router.get("/stopping-rules", response_class=HTMLResponse)
 async def stopping_rules(request: Request, session: RuleReader) -> Response:
-    protocol = request.app.state.protocol
+    """The rules as the API answers them: over the rows each patient's evaluation wrote (``rule_inputs``)."""
     async with request.app.state.engine.connect() as conn:
-        states = await load_patient_states(conn, protocol, now=now(request))
+        statuses = await queries.stopping_statuses(conn, protocol=request.app.state.protocol, now=now(request))
     rules = []
-    for status in evaluate_rules(protocol, states):
+    for status in statuses:
         public = status.public()
         chart = boundary_svg(public["boundary"], status.path, crossed=status.crossed,
                              title=f"{status.rule.title}: {status.events} events in {status.evaluable} "
                                    f"evaluable patients against the stopping boundary")
-        rules.append(public | {"chart": Markup(chart), "ranges": boundary_ranges(public["boundary"]),  # our own SVG
+        rules.append(public | {"uncounted": len(status.uncounted), "chart": Markup(chart), "ranges": boundary_ranges(public["boundary"]),  # our own SVG
                                "params_words": ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in public["params"].items())})
     return render(request, "stopping_rules.html.j2", rules=rules)
