@@ -29,6 +29,7 @@ from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.bus import BusNames, nats_servers
@@ -63,15 +64,17 @@ async def process_once(engine: AsyncEngine, consumer: str, event: StoredEvent, w
 async def process_batch(engine: AsyncEngine, consumer: str, batch: list[StoredEvent], work: BatchWork) -> list[StoredEvent]:
     """``process_once`` for many events: the "processed" rows of those not seen before and the
     work on them, in one transaction; the events that were new (the work saw exactly these)."""
+    unique = {str(e.event_id): e for e in batch}
     async with engine.begin() as conn:
-        ids = list(dict.fromkeys(str(e.event_id) for e in batch))
-        seen = set((await conn.execute(select(processed_messages.c.event_id).where(
-            processed_messages.c.consumer == consumer, processed_messages.c.event_id.in_(ids)))).scalars())
-        fresh = list({str(e.event_id): e for e in batch if str(e.event_id) not in seen}.values())
+        # One statement: the rows of the events not seen before go in, and say which they were.
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(processed_messages).on_conflict_do_nothing(
+            index_elements=["consumer", "event_id"]).returning(processed_messages.c.event_id)
+        now = now_utc()
+        new_ids = set((await conn.execute(statement, [
+            {"consumer": consumer, "event_id": event_id, "processed_at": now} for event_id in unique])).scalars())
+        fresh = [event for event_id, event in unique.items() if event_id in new_ids]
         if fresh:
-            now = now_utc()
-            await conn.execute(insert(processed_messages), [
-                {"consumer": consumer, "event_id": str(e.event_id), "processed_at": now} for e in fresh])
             await work(conn, fresh)
     return fresh
 

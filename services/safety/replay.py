@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import distinct, func, select
 
-from services.safety.handlers import Decision, Known, SafetyMonitor, is_outage, lock_patients
+from services.safety.handlers import Decision, Known, SafetyMonitor, lock_patients
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED
 from shared.patients import PATIENT_TYPES
 from shared.store import subject_scan
+from shared.store.outage import is_outage
 from shared.store.tables import events
 
 log = logging.getLogger(__name__)
