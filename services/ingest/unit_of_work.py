@@ -144,25 +144,33 @@ class UnitOfWork:
     async def _transaction(self, jobs: list[_Job], *, lock_first: bool) -> dict[_Job, Answer | BaseException]:
         if lock_first or self.engine.dialect.name != "postgresql" or any(job.key for job in jobs):
             async with self.engine.begin() as conn:
-                return await self._decide_and_store(conn, jobs, lock_first=lock_first)
+                return await self._decide_and_store(conn, jobs, lock_first=lock_first, autocommit=False)
         async with self.engine.connect() as conn:  # one statement stores it all: it commits as it returns
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            return await self._decide_and_store(conn, jobs, lock_first=False)
+            return await self._decide_and_store(conn, jobs, lock_first=False, autocommit=True)
 
     async def _decide_and_store(self, conn: AsyncConnection, jobs: list[_Job], *,
-                                lock_first: bool) -> dict[_Job, Answer | BaseException]:
+                                lock_first: bool, autocommit: bool) -> dict[_Job, Answer | BaseException]:
+        """Run the jobs against one ledger, store what they appended, and only then present their
+        results (on PostgreSQL the server numbers the events as it stores them)."""
         outcomes: dict[_Job, Answer | BaseException] = {}
-        keys: dict[tuple[str, str], tuple[IdempotencyKey, Answer]] = {}
+        results: dict[_Job, Any] = {}
+        keys: dict[tuple[str, str], _Job] = {}
+        replays: dict[_Job, _Job] = {}  # a key seen earlier in this batch: the answer of that job
         now = self.clock()
         ledger = await Ledger.begin(conn, self.tz, now, lock_first=lock_first)
         await ledger.prefetch({s for job in jobs for s in job.subjects})
         for job in jobs:
             before = ledger.appended
             try:
-                if job.key is not None and (earlier := await self._recall(conn, job.key, keys, now)):
-                    outcomes[job] = earlier
-                    continue
-                answer = job.present(await job.work(ledger))
+                if job.key is not None:
+                    if (first := self._earlier_in_batch(job.key, keys)) is not None:
+                        replays[job] = first
+                        continue
+                    if (earlier := await recall(conn, job.key, now)) is not None:
+                        outcomes[job] = earlier
+                        continue
+                results[job] = await job.work(ledger)
             except _STORE_ERRORS as exc:
                 raise _Spoilt() from exc
             except Exception as exc:
@@ -170,26 +178,39 @@ class UnitOfWork:
                     raise _Spoilt() from exc
                 outcomes[job] = exc
                 continue
-            outcomes[job] = answer
             if job.key is not None:
-                keys[(job.key.key, job.key.token_hash)] = (job.key, answer)
+                keys[(job.key.key, job.key.token_hash)] = job
         try:
             await ledger.flush()
-            await remember_many(conn, list(keys.values()), now)
+        except _FLUSH_ERRORS as exc:
+            raise _Spoilt() from exc
+        for job, result in results.items():
+            try:
+                outcomes[job] = job.present(result)
+            except Exception as exc:
+                if not autocommit:
+                    raise _Spoilt() from exc  # not committed yet: roll back, so no event goes unanswered
+                outcomes[job] = exc  # committed (autocommit, no key): as if the process died after it
+        for job, first in replays.items():
+            answer = outcomes[first]
+            outcomes[job] = (Answer(answer.status, answer.body, replayed=True) if isinstance(answer, Answer)
+                             else answer)
+        remembered = [(job.key, answer) for job in keys.values()
+                      if job.key is not None and isinstance(answer := outcomes[job], Answer)]
+        try:
+            await remember_many(conn, remembered, now)
         except _FLUSH_ERRORS as exc:
             raise _Spoilt() from exc
         return outcomes
 
     @staticmethod
-    async def _recall(conn: AsyncConnection, key: IdempotencyKey,
-                      batch: dict[tuple[str, str], tuple[IdempotencyKey, Answer]], now: datetime) -> Answer | None:
-        """A key answered earlier, or earlier in this very batch (not yet committed)."""
-        if (same := batch.get((key.key, key.token_hash))) is not None:
-            first, answer = same
-            if (first.method_path, first.body_hash) != (key.method_path, key.body_hash):
-                raise KeyReused(key.key)
-            return Answer(answer.status, answer.body, replayed=True)
-        return await recall(conn, key, now)
+    def _earlier_in_batch(key: IdempotencyKey, batch: dict[tuple[str, str], _Job]) -> _Job | None:
+        """The job of this batch that came with the same key first (``KeyReused`` if for another request)."""
+        if (first := batch.get((key.key, key.token_hash))) is None or first.key is None:
+            return None
+        if (first.key.method_path, first.key.body_hash) != (key.method_path, key.body_hash):
+            raise KeyReused(key.key)
+        return first
 
 
 # Not OSError: a use case's OtherSite is a PermissionError, which is one; the store fails with these.
