@@ -9,6 +9,9 @@ Every append, in one transaction (``Batch``: many appends may share one):
 - inserts the events and one outbox row each (the transactional outbox: the relay publishes them),
   all of a batch's in one statement each, and moves the chain head once.
 
+On PostgreSQL a batch may also be decided before the lock and stored by one server call that takes
+it and checks the versions the batch read (``Batch.deferred_on``, migration 0008).
+
 Nothing here updates or deletes an event.
 """
 

@@ -324,13 +324,13 @@ async def test_a_stream_another_process_appends_to_after_the_batch_read_it_is_de
     from services.ingest.idempotency import Answer
     from services.ingest.ledger import Ledger
     from services.ingest.unit_of_work import UnitOfWork
-    from shared.events import NewEvent
+    from shared.events import NewEvent, StoredEvent
 
     sid = await enrol(client, tokens["staff_s01"])
     elsewhere = [eventstore_event(sid, {"type": "follow_up", "occurred_at": AT})]
     decided: list[int] = []
 
-    async def work(ledger: Ledger) -> eventstore.StoredEvent:
+    async def work(ledger: Ledger) -> StoredEvent:
         head = await ledger.head(sid)
         assert head is not None
         decided.append(head.stream_version)
@@ -358,11 +358,11 @@ async def test_what_a_group_commit_answers_is_what_is_read_back(
     from services.ingest.idempotency import Answer
     from services.ingest.ledger import Ledger
     from services.ingest.unit_of_work import UnitOfWork
-    from shared.events import NewEvent
+    from shared.events import NewEvent, StoredEvent
 
     sids = [await enrol(client, tokens["staff_s01"]) for _ in range(2)]
 
-    async def work(ledger: Ledger, sid: str, k: int) -> eventstore.StoredEvent:
+    async def work(ledger: Ledger, sid: str, k: int) -> StoredEvent:
         head = await ledger.head(sid)
         assert head is not None
         return await ledger.append(head, NewEvent(type="follow_up", subject_id=sid, recorded_by="test",
