@@ -6,6 +6,12 @@ though none is flushed yet. What a write needs to know about a patient (site, st
 recorded death) comes from the small ``patient_heads`` row, kept in the same transaction as each
 append; the stream itself is read only for corrections and retractions (what they may target),
 for a death's bookkeeping, and to build a head the table does not have yet.
+
+On PostgreSQL the lock may instead be left to the flush (``lock_first=False``): then what the
+ledger read may have moved on by the time the batch is stored, and the flush checks that every
+stream it wrote or whose head it built is still at the version it read (``StaleRead`` if not;
+nothing is written and the batch is decided again with the lock taken first). The whole flush,
+events and heads, is then one statement.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ class Ledger:
         self.appended = 0
 
     @classmethod
-    async def begin(cls, conn: AsyncConnection, tz: ZoneInfo, now: datetime) -> Ledger:
-        return cls(conn, await Batch.begin(conn), tz, now)
+    async def begin(cls, conn: AsyncConnection, tz: ZoneInfo, now: datetime, *, lock_first: bool = True) -> Ledger:
+        """``lock_first=False``: the chain head is locked by the flush, not now (PostgreSQL only)."""
+        if lock_first or conn.dialect.name != "postgresql":
+            return cls(conn, await Batch.begin(conn), tz, now)
+        return cls(conn, Batch.deferred_on(conn), tz, now)
 
     async def prefetch(self, subject_ids: Iterable[str]) -> None:
         """Read many patients' heads at once (a bulk import), rather than one query each."""
@@ -106,8 +115,11 @@ class Ledger:
         self.appended += 1
 
     async def flush(self) -> None:
-        await self.batch.flush()
         heads = [h for s in sorted(self._changed) if (h := self._heads.get(s)) is not None]
-        await eventstore.save_patient_heads(self.conn, heads)
+        if self.batch.deferred:
+            await self.batch.flush(heads)
+        else:
+            await self.batch.flush()
+            await eventstore.save_patient_heads(self.conn, heads)
         self._changed.clear()
         self._pending.clear()

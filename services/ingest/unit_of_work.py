@@ -10,6 +10,14 @@ statement per table, commits once, and only then answers each caller. A command 
 checks has added nothing (nothing is written before the flush), so it cannot spoil the others; a
 failure of the transaction itself (a store error, an Idempotency-Key taken by another process)
 rolls the batch back and runs its commands again one transaction each, so only the guilty one fails.
+
+On PostgreSQL the writer does not take the lock first: the commands are decided against what the
+ledger reads, and the flush, one statement, takes the lock, checks that no stream the batch wrote
+moved on meanwhile (another process appended to it) and stores the batch. A batch without
+Idempotency-Keys is that statement alone, in autocommit (it commits as it returns; the reads
+before it need no transaction, the check stands for them); one with keys stores them with it in
+one transaction. A stale read writes nothing, and the batch is decided again with the lock taken
+first, as on SQLite.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.ingest.idempotency import Answer, IdempotencyKey, KeyReused, KeyTaken, recall, remember, remember_many
 from services.ingest.ledger import Ledger
-from shared.store.eventstore import DuplicateEvent
+from shared.store.eventstore import DuplicateEvent, StaleRead
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -108,9 +116,12 @@ class UnitOfWork:
                 if not isinstance(exc, Exception):
                     raise
 
-    async def _commit(self, jobs: list[_Job], *, reconnected: bool = False) -> None:
+    async def _commit(self, jobs: list[_Job], *, reconnected: bool = False, lock_first: bool = False) -> None:
         try:
-            outcomes = await self._transaction(jobs)
+            try:
+                outcomes = await self._transaction(jobs, lock_first=lock_first)
+            except StaleRead:  # another process appended to a stream this batch read: nothing written
+                outcomes = await self._transaction(jobs, lock_first=True)
         except _SPOILT_OR_STORE as exc:
             cause = exc.__cause__ if isinstance(exc, _Spoilt) and exc.__cause__ else exc
             if isinstance(cause, DBAPIError) and cause.connection_invalidated and not reconnected:
@@ -130,47 +141,76 @@ class UnitOfWork:
             else:
                 job.done.set_result(outcome)
 
-    async def _transaction(self, jobs: list[_Job]) -> dict[_Job, Answer | BaseException]:
+    async def _transaction(self, jobs: list[_Job], *, lock_first: bool) -> dict[_Job, Answer | BaseException]:
+        if lock_first or self.engine.dialect.name != "postgresql" or any(job.key for job in jobs):
+            async with self.engine.begin() as conn:
+                return await self._decide_and_store(conn, jobs, lock_first=lock_first, autocommit=False)
+        async with self.engine.connect() as conn:  # one statement stores it all: it commits as it returns
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return await self._decide_and_store(conn, jobs, lock_first=False, autocommit=True)
+
+    async def _decide_and_store(self, conn: AsyncConnection, jobs: list[_Job], *,
+                                lock_first: bool, autocommit: bool) -> dict[_Job, Answer | BaseException]:
+        """Run the jobs against one ledger, store what they appended, and only then present their
+        results (on PostgreSQL the server numbers the events as it stores them)."""
         outcomes: dict[_Job, Answer | BaseException] = {}
-        keys: dict[tuple[str, str], tuple[IdempotencyKey, Answer]] = {}
+        results: dict[_Job, Any] = {}
+        keys: dict[tuple[str, str], _Job] = {}
+        replays: dict[_Job, _Job] = {}  # a key seen earlier in this batch: the answer of that job
         now = self.clock()
-        async with self.engine.begin() as conn:
-            ledger = await Ledger.begin(conn, self.tz, now)
-            await ledger.prefetch({s for job in jobs for s in job.subjects})
-            for job in jobs:
-                before = ledger.appended
-                try:
-                    if job.key is not None and (earlier := await self._recall(conn, job.key, keys, now)):
+        ledger = await Ledger.begin(conn, self.tz, now, lock_first=lock_first)
+        await ledger.prefetch({s for job in jobs for s in job.subjects})
+        for job in jobs:
+            before = ledger.appended
+            try:
+                if job.key is not None:
+                    if (first := self._earlier_in_batch(job.key, keys)) is not None:
+                        replays[job] = first
+                        continue
+                    if (earlier := await recall(conn, job.key, now)) is not None:
                         outcomes[job] = earlier
                         continue
-                    answer = job.present(await job.work(ledger))
-                except _STORE_ERRORS as exc:
-                    raise _Spoilt() from exc
-                except Exception as exc:
-                    if ledger.appended != before:
-                        raise _Spoilt() from exc
-                    outcomes[job] = exc
-                    continue
-                outcomes[job] = answer
-                if job.key is not None:
-                    keys[(job.key.key, job.key.token_hash)] = (job.key, answer)
-            try:
-                await ledger.flush()
-                await remember_many(conn, list(keys.values()), now)
-            except _FLUSH_ERRORS as exc:
+                results[job] = await job.work(ledger)
+            except _STORE_ERRORS as exc:
                 raise _Spoilt() from exc
+            except Exception as exc:
+                if ledger.appended != before:
+                    raise _Spoilt() from exc
+                outcomes[job] = exc
+                continue
+            if job.key is not None:
+                keys[(job.key.key, job.key.token_hash)] = job
+        try:
+            await ledger.flush()
+        except _FLUSH_ERRORS as exc:
+            raise _Spoilt() from exc
+        for job, result in results.items():
+            try:
+                outcomes[job] = job.present(result)
+            except Exception as exc:
+                if not autocommit:
+                    raise _Spoilt() from exc  # not committed yet: roll back, so no event goes unanswered
+                outcomes[job] = exc  # committed (autocommit, no key): as if the process died after it
+        for job, first in replays.items():
+            answer = outcomes[first]
+            outcomes[job] = (Answer(answer.status, answer.body, replayed=True) if isinstance(answer, Answer)
+                             else answer)
+        remembered = [(job.key, answer) for job in keys.values()
+                      if job.key is not None and isinstance(answer := outcomes[job], Answer)]
+        try:
+            await remember_many(conn, remembered, now)
+        except _FLUSH_ERRORS as exc:
+            raise _Spoilt() from exc
         return outcomes
 
     @staticmethod
-    async def _recall(conn: AsyncConnection, key: IdempotencyKey,
-                      batch: dict[tuple[str, str], tuple[IdempotencyKey, Answer]], now: datetime) -> Answer | None:
-        """A key answered earlier, or earlier in this very batch (not yet committed)."""
-        if (same := batch.get((key.key, key.token_hash))) is not None:
-            first, answer = same
-            if (first.method_path, first.body_hash) != (key.method_path, key.body_hash):
-                raise KeyReused(key.key)
-            return Answer(answer.status, answer.body, replayed=True)
-        return await recall(conn, key, now)
+    def _earlier_in_batch(key: IdempotencyKey, batch: dict[tuple[str, str], _Job]) -> _Job | None:
+        """The job of this batch that came with the same key first (``KeyReused`` if for another request)."""
+        if (first := batch.get((key.key, key.token_hash))) is None or first.key is None:
+            return None
+        if (first.key.method_path, first.key.body_hash) != (key.method_path, key.body_hash):
+            raise KeyReused(key.key)
+        return first
 
 
 # Not OSError: a use case's OtherSite is a PermissionError, which is one; the store fails with these.

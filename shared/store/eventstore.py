@@ -9,6 +9,9 @@ Every append, in one transaction (``Batch``: many appends may share one):
 - inserts the events and one outbox row each (the transactional outbox: the relay publishes them),
   all of a batch's in one statement each, and moves the chain head once.
 
+On PostgreSQL a batch may also be decided before the lock and stored by one server call that takes
+it and checks the versions the batch read (``Batch.deferred_on``, migration 0008).
+
 Nothing here updates or deletes an event.
 """
 
@@ -45,6 +48,15 @@ class WrongExpectedVersion(StoreError):
 
 class DuplicateEvent(StoreError):
     """An event id or (stream, version) already stored: somebody else appended it first."""
+
+
+class StaleRead(StoreError):
+    """A batch decided without the lock found, once it held it, streams moved on since it read
+    them: nothing was written; decide again with the lock taken first."""
+
+    def __init__(self, stream_ids: Sequence[str]) -> None:
+        super().__init__(f"streams appended to since this batch read them: {', '.join(stream_ids)}")
+        self.stream_ids = list(stream_ids)
 
 
 def utc(dt: datetime) -> datetime:
@@ -154,21 +166,37 @@ class Batch:
     ``patient_heads``), else from ``max(stream_version)`` once per stream and batch. Streams
     appended without a known version lose their ``patient_heads`` row at ``flush`` (whoever keeps
     it builds it again from the stream).
+
+    On PostgreSQL a batch may also be decided before the lock is taken (``Batch.deferred``): ``add``
+    numbers the stream versions only, and ``flush`` is one call of ``eventstore_append_batch``
+    (migration 0008), which takes the lock, checks that every stream is still at the version this
+    batch read (``StaleRead`` if not: nothing written), numbers and hash-chains the events after the
+    chain head, and stores them with the patient heads given. The events ``add`` answered get their
+    positions then.
     """
 
-    def __init__(self, conn: AsyncConnection, position: int, prev_hash: str) -> None:
-        self.conn, self.position, self.hash = conn, position, prev_hash
+    def __init__(self, conn: AsyncConnection, position: int, prev_hash: str, *, deferred: bool = False) -> None:
+        self.conn, self.position, self.hash, self.deferred = conn, position, prev_hash, deferred
         self.rows: list[dict[str, Any]] = []
         self.versions: dict[str, int] = {}
+        self.read: dict[str, int] = {}  # each stream's version as this batch first saw it
         self._unkept: set[str] = set()
+        self._unnumbered: list[StoredEvent] = []
 
     @classmethod
     async def begin(cls, conn: AsyncConnection) -> Batch:
         return cls(conn, *await _lock_head(conn))
 
+    @classmethod
+    def deferred_on(cls, conn: AsyncConnection) -> Batch:
+        """A batch whose lock is taken by its ``flush`` (PostgreSQL only)."""
+        assert conn.dialect.name == "postgresql"
+        return cls(conn, 0, GENESIS, deferred=True)
+
     async def version(self, stream_id: str, known: int | None = None) -> int:
         if stream_id not in self.versions:
             self.versions[stream_id] = known if known is not None else await stream_version(self.conn, stream_id)
+            self.read[stream_id] = self.versions[stream_id]
         return self.versions[stream_id]
 
     async def add(self, stream_id: str, new_events: Sequence[NewEvent], *, expected_version: int | None = None,
@@ -181,16 +209,28 @@ class Batch:
         stored = []
         for event in new_events:
             version += 1
-            self.position += 1
             row = _event_row(stream_id, event, recorded_at)
-            row.update(position=self.position, stream_version=version, prev_hash=self.hash)
-            row["hash"] = self.hash = chain_hash(self.hash, row)
+            if self.deferred:
+                row.update(position=0, stream_version=version)  # the position comes with ``flush``
+                row["canonical"] = _canonical(row).decode()
+            else:
+                self.position += 1
+                row.update(position=self.position, stream_version=version, prev_hash=self.hash)
+                row["hash"] = self.hash = chain_hash(self.hash, row)
             self.rows.append(row)
             stored.append(_stored(row, event))
+        if self.deferred:
+            self._unnumbered += stored
         self.versions[stream_id] = version
         return stored
 
-    async def flush(self) -> None:
+    async def flush(self, heads: Sequence[PatientHead] = ()) -> None:
+        """Store what was added. ``heads``: patient heads to write with it, which only a deferred
+        batch takes (a locked one's caller saves them with ``save_patient_heads``)."""
+        if self.deferred:
+            await self._flush_deferred(heads)
+            return
+        assert not heads
         if not self.rows:
             return
         rows, self.rows = self.rows, []
@@ -210,6 +250,50 @@ class Batch:
             update(chain_head).where(chain_head.c.id == 1).values(position=self.position, hash=self.hash))
         if unkept:
             await self.conn.execute(delete(patient_heads).where(patient_heads.c.stream_id.in_(unkept)))
+
+
+    async def _flush_deferred(self, heads: Sequence[PatientHead]) -> None:
+        checks = dict(self.read)  # a head written without an append was read at its version
+        checks.update((h.stream_id, h.stream_version) for h in heads if h.stream_id not in checks)
+        if not self.rows and not heads:
+            return
+        rows, self.rows = self.rows, []
+        unkept, self._unkept = sorted(self._unkept), set()
+        unnumbered, self._unnumbered = self._unnumbered, []
+        head_rows = [h.row() for h in heads]
+        params = (list(checks), list(checks.values()),
+                  *([json.dumps(r["data"]) for r in rows] if c == "data" else [r[c] for r in rows]
+                    for c in _BATCH_COLUMNS),
+                  unkept, *([h[c] for h in head_rows] for c in _HEAD_COLUMNS))
+        try:
+            answer = (await self.conn.exec_driver_sql(_PG_APPEND_BATCH, params)).one()
+        except IntegrityError as exc:
+            raise DuplicateEvent(f"event id or stream version taken: {exc.orig}") from exc
+        after, stale = tuple(answer)
+        if after is None:
+            raise StaleRead(sorted(stale))
+        for k, event in enumerate(unnumbered, start=1):
+            event.__dict__["position"] = after + k  # built by ``_trusted``: its values are its __dict__
+        self.versions.clear()
+        self.read.clear()
+
+
+# A deferred batch's one statement (migration 0008), the arguments in the function's order; run as
+# the driver's SQL, so nothing is compiled per batch.
+_BATCH_COLUMNS = {
+    "event_id": "varchar", "stream_id": "varchar", "stream_version": "integer", "type": "varchar",
+    "schema_version": "integer", "subject_id": "varchar", "occurred_at": "timestamptz",
+    "occurred_offset_s": "integer", "recorded_at": "timestamptz", "recorded_by": "varchar", "data": "json",
+    "correlation_id": "varchar", "causation_id": "varchar", "canonical": "text",
+}
+_HEAD_COLUMNS = {
+    "stream_id": "varchar", "subject_id": "varchar", "site_id": "varchar", "arm": "varchar",
+    "stream_version": "integer", "death_event_id": "varchar", "death_occurred_at": "timestamptz",
+    "death_offset_s": "integer",
+}
+_BATCH_TYPES = ["varchar", "integer", *_BATCH_COLUMNS.values(), "varchar", *_HEAD_COLUMNS.values()]
+_PG_APPEND_BATCH = ("SELECT after_position, stale FROM eventstore_append_batch("
+                    + ", ".join(f"${k}::{t}[]" for k, t in enumerate(_BATCH_TYPES, start=1)) + ")")
 
 
 # On PostgreSQL a batch is one statement, one round trip: the events from arrays, their outbox

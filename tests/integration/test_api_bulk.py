@@ -313,3 +313,70 @@ async def test_after_the_database_dropped_every_connection_one_request_at_most_f
 
     assert first.status_code in (201, 503), first.text
     assert second.status_code == 201, second.text
+
+
+async def test_a_stream_another_process_appends_to_after_the_batch_read_it_is_decided_again(
+        client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine) -> None:
+    """On PostgreSQL the batch reads before it holds the chain head: a write by another process
+    in between makes the flush store nothing, and the batch runs again with the lock taken first."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's writer holds the lock (BEGIN IMMEDIATE) before it reads")
+    from services.ingest.idempotency import Answer
+    from services.ingest.ledger import Ledger
+    from services.ingest.unit_of_work import UnitOfWork
+    from shared.events import NewEvent, StoredEvent
+
+    sid = await enrol(client, tokens["staff_s01"])
+    elsewhere = [eventstore_event(sid, {"type": "follow_up", "occurred_at": AT})]
+    decided: list[int] = []
+
+    async def work(ledger: Ledger) -> StoredEvent:
+        head = await ledger.head(sid)
+        assert head is not None
+        decided.append(head.stream_version)
+        if len(decided) == 1:  # another process appends after this batch read the head
+            async with engine.begin() as conn:
+                await eventstore.append(conn, patient_stream(sid), elsewhere)
+        event = NewEvent(type="follow_up", subject_id=sid, occurred_at=datetime.fromisoformat(AT),
+                         recorded_by="test", data={})
+        return await ledger.append(head, event)
+
+    uow = UnitOfWork(engine, lambda: datetime.now(UTC))
+    answer = await uow.write(work, lambda stored: Answer(201, stored.public()), subjects=(sid,))
+
+    assert decided == [1, 2] and answer.body["stream_version"] == 3
+    async with engine.connect() as conn:
+        stream = await eventstore.read_stream(conn, patient_stream(sid))
+        assert [(e.stream_version, e.recorded_by) for e in stream][1:] == [(2, "elsewhere"), (3, "test")]
+        assert (await eventstore.read_patient_heads(conn, [patient_stream(sid)]))[patient_stream(sid)].stream_version == 3
+        assert (await eventstore.verify_chain(conn))[1:] == (None, "")
+
+
+async def test_what_a_group_commit_answers_is_what_is_read_back(
+        client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine) -> None:
+    """Events of one batch, positions included (on PostgreSQL the server gives them), are the stored ones."""
+    from services.ingest.idempotency import Answer
+    from services.ingest.ledger import Ledger
+    from services.ingest.unit_of_work import UnitOfWork
+    from shared.events import NewEvent, StoredEvent
+
+    sids = [await enrol(client, tokens["staff_s01"]) for _ in range(2)]
+
+    async def work(ledger: Ledger, sid: str, k: int) -> StoredEvent:
+        head = await ledger.head(sid)
+        assert head is not None
+        return await ledger.append(head, NewEvent(type="follow_up", subject_id=sid, recorded_by="test",
+                                                  occurred_at=datetime.fromisoformat(AT), data={"k": k}))
+
+    uow = UnitOfWork(engine, lambda: datetime.now(UTC))
+    answers = await asyncio.gather(*(
+        uow.write(lambda ledger, s=sid, k=k: work(ledger, s, k),  # type: ignore[misc]
+                  lambda stored: Answer(201, stored.model_dump(mode="json")), subjects=(sid,))
+        for k in range(4) for sid in sids))
+
+    async with engine.connect() as conn:
+        stored = [e.model_dump(mode="json") for sid in sids for e in await eventstore.read_stream(
+            conn, patient_stream(sid)) if e.stream_version > 1]
+        assert (await eventstore.verify_chain(conn))[1:] == (None, "")
+    assert sorted((a.body for a in answers), key=lambda e: e["position"]) == sorted(stored, key=lambda e: e["position"])
+    assert len({a.body["position"] for a in answers}) == 8
