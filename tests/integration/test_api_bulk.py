@@ -13,7 +13,6 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -169,28 +168,28 @@ async def test_lines_must_be_sent_as_ndjson(client: httpx.AsyncClient, tokens: d
 # --- the group commit under every patient write ------------------------------------------
 
 async def test_concurrent_writes_share_commits_and_a_bad_one_spoils_none_of_the_others(
-        client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine) -> None:
+        client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     token = tokens["staff_s01"]
     patients = [await enrol(client, token) for _ in range(3)]
     bodies = [(p, {"type": "lab", "occurred_at": AT, "test": "platelets", "value": 40 + k, "unit": "10^9/L"})
               for k in range(10) for p in patients]
     bad = (patients[0], {"type": "lab", "occurred_at": AT, "test": "platelets", "value": 40, "unit": "g/dL"})
 
-    commits = 0
+    # A batch is stored by one flush (one transaction, or on PostgreSQL one autocommitted call).
+    flushes = 0
+    flush = eventstore.Batch.flush
 
-    def committed(conn: Any) -> None:
-        nonlocal commits
-        commits += 1
+    async def counted(self: eventstore.Batch, *args: Any, **kwargs: Any) -> None:
+        nonlocal flushes
+        flushes += 1
+        await flush(self, *args, **kwargs)
 
-    sa_event.listen(engine.sync_engine, "commit", committed)
-    try:
-        answers = await asyncio.gather(*(post_event(client, token, p, b)
-                                         for p, b in [*bodies[:15], bad, *bodies[15:]]))
-    finally:
-        sa_event.remove(engine.sync_engine, "commit", committed)
+    monkeypatch.setattr(eventstore.Batch, "flush", counted)
+    answers = await asyncio.gather(*(post_event(client, token, p, b)
+                                     for p, b in [*bodies[:15], bad, *bodies[15:]]))
 
     assert [a.status_code for a in answers] == [201] * 15 + [422] + [201] * 15
-    assert commits < 30  # writes that arrived together were committed together
+    assert flushes < 30  # writes that arrived together were stored together
     async with engine.connect() as conn:
         for p in patients:
             stream = await eventstore.read_stream(conn, patient_stream(p))
