@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -540,21 +540,6 @@ async def read_types(
         conditions.append(events.c.recorded_at <= as_of.astimezone(UTC))
     rows = await conn.execute(select(events).where(and_(*conditions)).order_by(events.c.position))
     return [to_stored(r) for r in rows]
-
-
-async def stream_types(
-    conn: AsyncConnection, types: Iterable[str], *, page: int = 5000
-) -> AsyncIterator[StoredEvent]:
-    """Every event of ``types`` in position order, read a page at a time (keyset, not OFFSET)."""
-    after = 0
-    while True:
-        rows = (await conn.execute(select(events).where(events.c.type.in_(list(types)), events.c.position > after)
-                                   .order_by(events.c.position).limit(page))).all()
-        for row in rows:
-            yield to_stored(row)
-        if len(rows) < page:
-            return
-        after = rows[-1].position
 
 
 async def get_event(conn: AsyncConnection, event_id: uuid.UUID | str) -> StoredEvent | None:
