@@ -33,12 +33,16 @@ import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import nats  # noqa: E402
 from aiosmtpd.controller import Controller  # noqa: E402
+from sqlalchemy import and_, func, select  # noqa: E402
 
 from bench.cpu_account import Meter, pids_named  # noqa: E402
 from bench.lean_http import LeanClient  # noqa: E402
 from services.ingest.auth import create_token  # noqa: E402
 from shared.embedded_nats import free_port  # noqa: E402
+from shared.events import ALERT_RAISED  # noqa: E402
 from shared.store.engine import make_engine, migrate_async  # noqa: E402
+from shared.store.eventstore import utc  # noqa: E402
+from shared.store.tables import deliveries, events  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 NATS = os.environ.get("TRIALWATCH_BENCH_NATS_URL", "nats://127.0.0.1:4222")
@@ -149,18 +153,20 @@ async def backends(database: str) -> list[int]:
 HOPS = ("POST -> stored", "stored -> alert", "alert -> queued", "queued -> sent", "sent -> arrived")
 
 
-async def hop_times(database: str, posted: dict[str, float], arrived: list[tuple[float, str]]) -> dict[str, list[float]]:
+async def hop_times(url: str, posted: dict[str, float], arrived: list[tuple[float, str]]) -> dict[str, list[float]]:
     """Each urgent event's time in each hop, from the store's own timestamps (the same clock)."""
-    admin = await asyncpg.connect(PG_ADMIN.rsplit("/", 1)[0] + "/" + database)
+    crs, alert = events.alias("crs"), events.alias("alert")
+    query = (select(crs.c.subject_id, crs.c.recorded_at.label("stored"), alert.c.recorded_at.label("alerted"),
+                    func.min(deliveries.c.created_at).label("queued"), func.max(deliveries.c.sent_at).label("sent"))
+             .join(alert, and_(alert.c.causation_id == crs.c.event_id, alert.c.type == ALERT_RAISED))
+             .join(deliveries, deliveries.c.alert_event_id == alert.c.event_id)
+             .where(crs.c.type == "crs").group_by(crs.c.subject_id, crs.c.recorded_at, alert.c.recorded_at))
+    engine = make_engine(url)
     try:
-        rows = await admin.fetch("""
-            select e.subject_id, e.recorded_at as stored, a.recorded_at as alerted,
-                   min(d.created_at) as queued, max(d.sent_at) as sent
-            from events e join events a on a.causation_id = e.event_id::text and a.type = 'safety_alert_raised'
-            join deliveries d on d.alert_event_id = a.event_id::text
-            where e.type = 'crs' group by e.subject_id, e.recorded_at, a.recorded_at""")
+        async with engine.connect() as conn:
+            rows = [r._mapping for r in await conn.execute(query)]
     finally:
-        await admin.close()
+        await engine.dispose()
     last = {}
     for at, subject in arrived:
         for s in posted:
@@ -171,8 +177,7 @@ async def hop_times(database: str, posted: dict[str, float], arrived: list[tuple
         s = r["subject_id"]
         if s not in posted or s not in last:
             continue
-        moments = [posted[s], r["stored"].timestamp(), r["alerted"].timestamp(), r["queued"].timestamp(),
-                   r["sent"].timestamp(), last[s]]
+        moments = [posted[s], *(utc(r[k]).timestamp() for k in ("stored", "alerted", "queued", "sent")), last[s]]
         for hop, (a, b) in zip(HOPS, zip(moments, moments[1:], strict=False), strict=True):
             hops[hop].append(b - a)
     return hops
@@ -191,12 +196,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_url: str = NATS) -> dict[str, Any]:
+async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_url: str = NATS,
+                   db: str = "postgres") -> dict[str, Any]:
+    """One rate on a fresh database: PostgreSQL, or a SQLite file (the embedded default's store)."""
     name = f"tw_lat_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    if db == "sqlite":
+        (tmp / name).mkdir(parents=True)
+        url = f"sqlite+aiosqlite:///{tmp / name / 'trialwatch.db'}"
+    else:
+        admin = await asyncpg.connect(PG_ADMIN)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
     await migrate_async(url)
     engine = make_engine(url)
     async with engine.begin() as conn:
@@ -230,7 +241,7 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_
             await asyncio.sleep(6)  # the settle period passes: the load meets a quiet system
             arrivals.seen.clear()
             meter = Meter({**{role: [p.pid] for role, p in zip(ROLES, services, strict=True)},
-                           "postgres (this database)": await backends(name),
+                           "postgres (this database)": await backends(name) if db == "postgres" else [],
                            "nats-server (shared)": pids_named("nats-server"), "load + SMTP (this process)": [os.getpid()]})
             lean = LeanClient("127.0.0.1", port, headers={"Authorization": f"Bearer {token}"})
             meter.start()
@@ -257,7 +268,7 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_
                     latencies.append(at - posted)
                     timeline.append((posted - began, at - posted))
         exactly_once = all(sorted(copies[s]) == sorted(INVESTIGATORS) for s in sent)
-        hops = await hop_times(name, sent_wall, arrivals.wall)
+        hops = await hop_times(url, sent_wall, arrivals.wall)
         return {"rate": rate, "sent": len(sent), "errors": errors, "mailed": len(copies),
                 "p50": percentile(latencies, 0.5) if latencies else float("nan"),
                 "p99": percentile(latencies, 0.99) if latencies else float("nan"),
@@ -273,8 +284,8 @@ async def run_rate(rate: int, seconds: float, patients: int, tmp: Path, *, nats_
                 process.kill()
         smtp.stop()
         if os.environ.get("BENCH_KEEP_DB"):
-            print(f"kept database {name}, logs in {tmp}")
-        else:
+            print(f"kept database {url}, logs in {tmp}")
+        elif db == "postgres":
             admin = await asyncpg.connect(PG_ADMIN)
             await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
             await admin.close()
@@ -285,13 +296,16 @@ async def main() -> None:
     parser.add_argument("--rates", default="20,50")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--patients", type=int, default=200)
+    parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres",
+                        help="the store: a fresh PostgreSQL database, or a SQLite file (the embedded default)")
     parser.add_argument("--slowest", type=int, default=0, help="list the N slowest urgent mails and when they were posted")
     args = parser.parse_args()
-    print(f"== POST -> urgent mail, open loop, {args.patients} patients, {args.seconds:.0f} s per rate (PostgreSQL + NATS)")
+    store = "PostgreSQL" if args.db == "postgres" else "SQLite"
+    print(f"== POST -> urgent mail, open loop, {args.patients} patients, {args.seconds:.0f} s per rate ({store} + NATS)")
     print(f"| {'events/s':>8} | {'urgent':>6} | {'mailed':>6} | {'errors':>6} | {'p50 s':>6} | {'p99 s':>6} | {'max s':>6} | exactly once | p99 < 1 s |")
     with tempfile.TemporaryDirectory() as tmp:
         for rate in (int(r) for r in args.rates.split(",")):
-            r = await run_rate(rate, args.seconds, args.patients, Path(tmp))
+            r = await run_rate(rate, args.seconds, args.patients, Path(tmp), db=args.db)
             print(f"| {r['rate']:>8} | {r['sent']:>6} | {r['mailed']:>6} | {r['errors']:>6} | {r['p50']:>6.2f} | "
                   f"{r['p99']:>6.2f} | {r['max']:>6.2f} | {'yes' if r['exactly_once'] else 'NO':>12} | "
                   f"{'yes' if r['p99'] < 1 else 'no':>9} |", flush=True)
