@@ -21,8 +21,8 @@ from services.notify.sender import DeliverySender
 from services.notify.sent_journal import SentJournal
 from shared.background import Background
 from shared.bus import BusNames, ensure_stream, nats_broker
-from shared.consuming import BatchSubscription, Subscription, process_once
-from shared.events import DIGEST_REQUESTED, StoredEvent
+from shared.consuming import BatchSubscription, Subscription
+from shared.events import StoredEvent
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
 from shared.store.engine import make_engine
@@ -70,7 +70,7 @@ class NotifyService:
         )
         mail = BatchSubscription(self.engine, DURABLE, self._queue_many, max_deliver=settings.max_deliver,
                                  is_outage=is_outage, after_commit=self._mail_queued)
-        single = Subscription(self.engine, DURABLE, self.handle, max_deliver=settings.max_deliver)
+        single = Subscription(self.engine, DURABLE, self._digest_requested, max_deliver=settings.max_deliver)
         self.puller = build_puller(nats_url, self.names, NotifyIntake(self.names, mail, single),
                                    ack_wait=settings.ack_wait_s)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
@@ -89,12 +89,9 @@ class NotifyService:
     async def _mail_queued(self, batch: list[StoredEvent]) -> None:
         self.sender.poke()
 
-    async def handle(self, event: StoredEvent) -> None:
-        if event.type in MAILED_TYPES:
-            await process_once(self.engine, DURABLE, event, self._queue)
-            self.sender.poke()
-        elif event.type == DIGEST_REQUESTED:  # sent now, or queued and retried by digests.run
-            await self.digests.request(f"request:{event.event_id}", event.recorded_at)
+    async def _digest_requested(self, event: StoredEvent) -> None:
+        """A request for the DSMB summary: sent now, or queued and retried by ``digests.run``."""
+        await self.digests.request(f"request:{event.event_id}", event.recorded_at)
 
     async def _scheduled_digest(self) -> None:
         try:
