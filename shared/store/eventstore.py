@@ -17,6 +17,7 @@ Nothing here updates or deletes an event.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -26,12 +27,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, and_, delete, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events import NewEvent, StoredEvent
 from shared.store.tables import chain_head, events, events_appended, outbox, patient_heads
+from shared.store.upsert import upsert_many
 
 GENESIS = "0" * 64
 
@@ -114,6 +115,12 @@ def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + _canonical(row)).hexdigest()
 
 
+@functools.cache
+def zone(offset_s: int) -> timezone:
+    """The fixed zone of an offset in seconds, made once per offset (every row read names one)."""
+    return timezone(timedelta(seconds=offset_s))
+
+
 def to_stored(row: Row[Any] | dict[str, Any]) -> StoredEvent:
     m = row._mapping if isinstance(row, Row) else row
     return StoredEvent(
@@ -124,7 +131,7 @@ def to_stored(row: Row[Any] | dict[str, Any]) -> StoredEvent:
         type=m["type"],
         schema_version=m["schema_version"],
         subject_id=m["subject_id"],
-        occurred_at=utc(m["occurred_at"]).astimezone(timezone(timedelta(seconds=m["occurred_offset_s"]))),
+        occurred_at=utc(m["occurred_at"]).astimezone(zone(m["occurred_offset_s"])),
         recorded_at=utc(m["recorded_at"]),
         recorded_by=m["recorded_by"],
         data=m["data"],
@@ -479,15 +486,7 @@ async def existing_streams(conn: AsyncConnection, stream_ids: Iterable[str]) -> 
 
 
 async def save_patient_heads(conn: AsyncConnection, heads: Iterable[PatientHead]) -> None:
-    rows = [h.row() for h in heads]
-    if not rows:
-        return
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(patient_heads)
-    statement = statement.on_conflict_do_update(
-        index_elements=["stream_id"],
-        set_={c.name: statement.excluded[c.name] for c in patient_heads.c if c.name != "stream_id"})
-    await conn.execute(statement, rows)
+    await upsert_many(conn, patient_heads, [h.row() for h in heads], ["stream_id"])
 
 
 async def read_stream(

@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.events import StoredEvent
+from shared.store.eventstore import utc, zone
 from shared.store.tables import events
 
 # The columns of a StoredEvent, in this order (``decode`` reads them by index).
@@ -83,26 +83,12 @@ async def _pages(engine: AsyncEngine, types: list[str], page: int) -> AsyncItera
                     await ahead
 
 
-_ZONES: dict[int, timezone] = {}
-
-
-def _zone(offset_s: int) -> timezone:
-    zone = _ZONES.get(offset_s)
-    if zone is None:
-        zone = _ZONES[offset_s] = timezone(timedelta(seconds=offset_s))
-    return zone
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
 def decode(row: Sequence[Any]) -> StoredEvent:
     """A row of ``COLUMNS`` as the store answers it (``eventstore.to_stored``), checked by the model."""
     return StoredEvent(
         position=row[0], event_id=row[1], stream_id=row[2], stream_version=row[3], type=row[4],
         schema_version=row[5], subject_id=row[6],
-        occurred_at=_utc(row[7]).astimezone(_zone(row[8])), recorded_at=_utc(row[9]).astimezone(UTC),
+        occurred_at=utc(row[7]).astimezone(zone(row[8])), recorded_at=utc(row[9]),
         recorded_by=row[10], data=row[11],
         correlation_id=uuid.UUID(row[12]) if row[12] else None,
         causation_id=uuid.UUID(row[13]) if row[13] else None,
