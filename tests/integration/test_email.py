@@ -304,8 +304,10 @@ class SlowMailer(RecordingMailer):
     def __init__(self) -> None:
         super().__init__()
         self.in_flight = self.most_at_once = 0
+        self.started: list[str] = []  # subjects, in the order their conversations began
 
     async def send(self, message: EmailMessage) -> None:
+        self.started.append(str(message["Subject"]))
         self.in_flight += 1
         self.most_at_once = max(self.most_at_once, self.in_flight)
         try:
@@ -330,7 +332,9 @@ async def test_mails_go_out_a_few_at_a_time_each_once_urgent_first(own_engine: A
     assert mailer.most_at_once == 4
     sent = [str(m["Message-ID"]) for m in mailer.to(pi)]
     assert sorted(sent) == sorted({message_id_for(e.event_id, pi) for e in [*highs, urgent]})
-    assert "Grade 4 CRS" in str(mailer.to(pi)[0]["Subject"])  # it started first
+    # Found first, it goes out in the first four (the lanes finish in any order; a backlog of
+    # six high mails ahead of it would have left it for the second round).
+    assert any("Grade 4 CRS" in subject for subject in mailer.started[:4])
     assert await four_lanes.send_due(now=t0 + timedelta(seconds=3)) == 0  # nothing is sent twice
 
 
