@@ -466,9 +466,18 @@ def _head(row: Row[Any]) -> PatientHead:
                        m["death_event_id"], at)
 
 
+# Every write of the ingest reads its patients' heads first: on PostgreSQL one statement of the
+# driver's SQL with the streams as one array (a compiled ``IN`` of as many parameters as streams
+# costs twice the CPU of the query itself).
+_PG_READ_HEADS = "SELECT * FROM patient_heads WHERE stream_id = ANY($1::varchar[])"
+
+
 async def read_patient_heads(conn: AsyncConnection, stream_ids: Iterable[str]) -> dict[str, PatientHead]:
     wanted = sorted(set(stream_ids))
     found: dict[str, PatientHead] = {}
+    if conn.dialect.name == "postgresql":
+        rows = await conn.exec_driver_sql(_PG_READ_HEADS, (wanted,))
+        return {r.stream_id: _head(r) for r in rows}
     for start in range(0, len(wanted), 1000):
         rows = await conn.execute(select(patient_heads).where(patient_heads.c.stream_id.in_(wanted[start:start + 1000])))
         found.update((r.stream_id, _head(r)) for r in rows)
