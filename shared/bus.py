@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -135,24 +136,34 @@ class OutboxRelay:
     """
 
     def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 500,
-                 window: int = 64) -> None:
+                 window: int = 64, ack_timeout_s: float = 5.0) -> None:
         self.engine, self.broker, self.names, self.batch, self.window = engine, broker, names, batch, window
+        self.ack_timeout_s = ack_timeout_s
         self._wake = asyncio.Event()
+        self._js: JetStreamContext | None = None
+        self._js_of: object = None  # the connection ``_js`` belongs to
 
     def poke(self) -> None:
         self._wake.set()
 
-    async def _publish(self, event: StoredEvent) -> None:
+    def _jetstream(self) -> JetStreamContext:
+        """The JetStream context of the broker's connection, made once per connection (each one
+        subscribes to its own inbox for the acks)."""
+        connection = self.broker.connection
+        if self._js is None or self._js_of is not connection:
+            self._js, self._js_of = connection.jetstream(), connection
+        return self._js
+
+    async def _send(self, js: JetStreamContext, event: StoredEvent) -> asyncio.Future[Any]:
+        """Put one event on the wire; the future is the server's ack. The message is the one
+        FastStream's ``publish`` makes of ``event.to_message()`` (its JSON body, content type and
+        correlation id), sent by nats-py's pipelined ``publish_async``: FastStream's publish awaits
+        each ack in its own request, and its layers cost the relay a third of its CPU."""
         event_id = str(event.event_id)
-        await self.broker.publish(
-            event.to_message(),
-            self.names.subject(event.type),
-            headers={"Nats-Msg-Id": event_id},
-            # FastStream would draw a random uuid4 per message (a fifth of the relay's CPU here).
-            correlation_id=str(event.correlation_id) if event.correlation_id else event_id,
-            stream=self.names.stream,
-            timeout=5.0,
-        )
+        return await js.publish_async(
+            self.names.subject(event.type), event.model_dump_json().encode(), stream=self.names.stream,
+            headers={"content-type": "application/json", "Nats-Msg-Id": event_id,
+                     "correlation_id": str(event.correlation_id) if event.correlation_id else event_id})
 
     async def publish_pending(self) -> int:
         """Publish what is waiting; returns how many rows were published and deleted.
@@ -188,14 +199,36 @@ class OutboxRelay:
     async def _publish_all(self, pending: list[StoredEvent]) -> tuple[list[int], list[tuple[int, BaseException]]]:
         acked: list[int] = []
         failed: list[tuple[int, BaseException]] = []
+        js = self._jetstream() if pending else None
         for start in range(0, len(pending), self.window):  # a window at a time: requests run between them
+            assert js is not None
             window = pending[start:start + self.window]
-            outcomes = await asyncio.gather(*(self._publish(e) for e in window), return_exceptions=True)
+            outcomes = await self._window(js, window)
             acked += [e.position for e, outcome in zip(window, outcomes, strict=True) if outcome is None]
             failed += [(e.position, outcome) for e, outcome in zip(window, outcomes, strict=True) if outcome is not None]
             if failed:
                 break
         return acked, failed
+
+    async def _window(self, js: JetStreamContext, window: list[StoredEvent]) -> list[BaseException | None]:
+        """Each event's outcome: None once the server acknowledged it, else why not (an event that
+        could not be sent fails, and so does every one after it; an ack not back within
+        ``ack_timeout_s`` is a timeout)."""
+        acks: list[asyncio.Future[Any]] = []
+        unsent: BaseException | None = None
+        for event in window:  # sent one after another: they go on the wire in position order
+            try:
+                acks.append(await self._send(js, event))
+            except Exception as exc:
+                unsent = exc
+                break
+        if acks:
+            _, late = await asyncio.wait(acks, timeout=self.ack_timeout_s)
+            for ack in late:
+                ack.cancel()
+        outcomes: list[BaseException | None] = [
+            NatsTimeoutError() if ack.cancelled() else ack.exception() for ack in acks]
+        return outcomes + [unsent] * (len(window) - len(acks))
 
     @staticmethod
     async def _settle(conn: AsyncConnection, acked: list[int], failed: list[tuple[int, BaseException]]) -> None:

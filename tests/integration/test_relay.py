@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.client import JetStreamContext
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -181,10 +182,10 @@ class CountingRelay(OutboxRelay):
         super().__init__(*args, **kwargs)
         self.seen = seen
 
-    async def _publish(self, event: StoredEvent) -> None:
+    async def _send(self, js: JetStreamContext, event: StoredEvent) -> asyncio.Future[Any]:
         self.seen.append(str(event.event_id))
         await asyncio.sleep(0.02)
-        await super()._publish(event)
+        return await super()._send(js, event)
 
 
 async def test_two_relays_at_once_publish_each_row_once_between_them(engine: AsyncEngine, bus_url: str) -> None:  # noqa: F811
