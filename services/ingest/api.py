@@ -18,6 +18,8 @@ from services.ingest import auth, bulk, handlers, queries
 from services.ingest.auth import Principal
 from services.ingest.bodies import StrictJsonRoute
 from services.ingest.dependencies import (
+    CONDITIONAL_WRITE_DOCS,
+    WRITE_DOCS,
     Writer,
     aware_time,
     key_for,
@@ -97,7 +99,8 @@ def _accepted(stored: StoredEvent) -> Answer:
     return Answer(202, {"status": "accepted", "request_id": str(stored.event_id)}, recorded=(stored.type,))
 
 
-@router.post("/patients", status_code=201, summary="Enrol a patient", responses=documented(409, 422))
+@router.post("/patients", status_code=201, summary="Enrol a patient", responses=documented(409, 422),
+             openapi_extra=WRITE_DOCS)
 async def enrol(request: Request, who: Enroller, body: Enrolment) -> JSONResponse:
     cmd = handlers.Enrol(body, recorded_by=who.principal.user, site_scope=who.principal.site_scope)
     protocol, now = request.app.state.protocol, _now(request)
@@ -107,7 +110,7 @@ async def enrol(request: Request, who: Enroller, body: Enrolment) -> JSONRespons
 
 
 @router.post("/patients/{subject_id}/events", status_code=201, summary="Record one clinical event",
-             responses=documented(404, 409, 412, 422))
+             responses=documented(404, 409, 412, 422), openapi_extra=CONDITIONAL_WRITE_DOCS)
 async def record_event(request: Request, who: Recorder, subject_id: Subject, body: ClinicalEventBody) -> JSONResponse:
     cmd = handlers.RecordEvent(subject_id, body, recorded_by=who.principal.user,
                                site_scope=who.principal.site_scope, expected_version=who.expected_version)
@@ -187,7 +190,8 @@ async def alerts(request: Request, who: AlertReader, since: Since,
     return {"alerts": [a.public() for a in found]}
 
 
-@router.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert", responses=documented(404, 422))
+@router.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert", responses=documented(404, 422),
+             openapi_extra=WRITE_DOCS)
 async def acknowledge(request: Request, who: Acknowledger, alert_id: uuid.UUID,
                       body: AcknowledgeBody | None = None) -> JSONResponse:
     cmd = handlers.AcknowledgeAlert(alert_id, body.note if body else None, acknowledged_by=who.principal.user)
@@ -203,7 +207,8 @@ async def stopping_rules(request: Request, who: RuleReader) -> dict[str, Any]:
     return {"rules": rules}
 
 
-@router.post("/digests", status_code=202, summary="Send the DSMB summary now", responses=documented(422))
+@router.post("/digests", status_code=202, summary="Send the DSMB summary now", responses=documented(422),
+             openapi_extra=WRITE_DOCS)
 async def digest(request: Request, who: DigestRequester) -> JSONResponse:
     cmd, now = handlers.RequestDigest(requested_by=who.principal.user), _now(request)
     return _answer(await _uow(request).run(

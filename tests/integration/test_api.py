@@ -268,6 +268,20 @@ async def test_openapi_describes_the_api(client: httpx.AsyncClient) -> None:
     assert {"/v1/patients", "/v1/patients/{subject_id}/events", "/v1/alerts", "/v1/digests"} <= schema["paths"].keys()
 
 
+async def test_openapi_gives_each_write_its_headers_and_the_bearer_token(client: httpx.AsyncClient) -> None:
+    # The writes read their headers themselves (not as FastAPI parameters): their documentation
+    # is written out beside the routes, and must not drift from what they take.
+    schema = (await client.get("/openapi.json")).json()
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    writes = {("/v1/patients", ()), ("/v1/patients/{subject_id}/events", ("If-Match",)),
+              ("/v1/alerts/{alert_id}/acknowledge", ()), ("/v1/digests", ())}
+    for path, extra in writes:
+        operation = schema["paths"][path]["post"]
+        headers = {p["name"] for p in operation["parameters"] if p["in"] == "header"}
+        assert headers == {"Idempotency-Key", *extra}, path
+        assert operation["security"] == [{"HTTPBearer": []}], path
+
+
 async def test_lifespan_runs_background_tasks_and_cancels_them(
         settings: Settings, engine: AsyncEngine, protocol: Protocol) -> None:
     started, cancelled = asyncio.Event(), asyncio.Event()
