@@ -27,6 +27,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.events import StoredEvent
+from shared.store.engine import reader
 from shared.store.eventstore import to_stored
 from shared.store.tables import events, outbox
 
@@ -137,6 +138,7 @@ class OutboxRelay:
     def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 500,
                  window: int = 64) -> None:
         self.engine, self.broker, self.names, self.batch, self.window = engine, broker, names, batch, window
+        self.reads = reader(engine)  # SQLite: the rows are read apart from their delete
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
@@ -169,7 +171,7 @@ class OutboxRelay:
                 acked, failed = await self._publish_all(pending)
                 await self._settle(conn, acked, failed)
         else:
-            async with self.engine.connect() as conn:
+            async with self.reads.connect() as conn:
                 pending = await self._pending(conn, lock=False)
             acked, failed = await self._publish_all(pending)
             async with self.engine.begin() as conn:

@@ -23,6 +23,7 @@ from services.notify.mailer import Mailer
 from services.notify.rendering import compose, render_alert
 from services.notify.sent_journal import SentJournal
 from shared.events import ALERT_WITHDRAWN, StoredEvent
+from shared.store.engine import reader
 from shared.store.eventstore import get_event, now_utc, utc
 from shared.store.tables import deliveries, events
 
@@ -62,7 +63,7 @@ class DeliverySender:
         journal: SentJournal | None = None,
         concurrency: int = 4,
     ) -> None:
-        self._engine, self._mailer = engine, mailer
+        self._engine, self._reads, self._mailer = engine, reader(engine), mailer
         self._journal = journal or SentJournal(None)
         self._mail_from, self._api_base_url, self._trial_title = mail_from, api_base_url, trial_title
         self._timezone = timezone
@@ -141,7 +142,7 @@ class DeliverySender:
             .order_by(urgent_first, deliveries.c.next_attempt_at, deliveries.c.id)
             .limit(self._batch)
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return list((await conn.execute(query)).all())
 
     async def _claim(self, row: Any, now: datetime) -> _Claim | None:
@@ -204,7 +205,7 @@ class DeliverySender:
                 pause = min(pause * 2, 2.0)
 
     async def _message(self, claim: _Claim, now: datetime) -> EmailMessage:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             event = await get_event(conn, claim.alert_event_id)
             if event is None:
                 raise LookupError(f"alert event {claim.alert_event_id} is not in the event store")
