@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select
@@ -73,3 +76,40 @@ async def test_a_write_in_a_reader_fails_and_the_connection_writes_again_afterwa
         assert await conn.scalar(select(func.count()).where(leases.c.name == name)) == 1
         with pytest.raises(DBAPIError, match="(?i)read.?only"):
             await _lease(conn)
+
+
+async def test_a_waiting_writer_asks_for_the_lock_often_and_still_gives_up_as_the_busy_timeout_says(
+    engine: AsyncEngine, impatient: AsyncEngine, database_url: str
+) -> None:
+    """SQLite's busy handler would look once and then sleep longer and longer (100 ms at a time
+    past a quarter second), while others take the lock between its looks."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL has row locks, not one write lock")
+    holder = sqlite3.connect(database_url.split(":///", 1)[1], isolation_level=None)
+    statements: list[str] = []
+    try:
+        async with impatient.connect() as writing:
+            raw = await writing.get_raw_connection()
+            driver: Any = raw.driver_connection
+            await driver.execute("PRAGMA busy_timeout=300")
+            await driver.set_trace_callback(statements.append)
+            holder.execute("BEGIN IMMEDIATE")
+            with pytest.raises(OperationalError, match="locked"):
+                await _lease(writing)
+            holder.execute("ROLLBACK")
+            asked = statements.count("BEGIN IMMEDIATE")
+            await writing.rollback()
+            assert (await (await driver.execute("PRAGMA busy_timeout")).fetchone())[0] == 300  # as it was
+            await driver.set_trace_callback(None)
+            name = await _lease(writing)  # the lock is free again: it writes
+            await writing.commit()
+        assert asked >= 3  # asked again and again within the 300 ms, and once more to raise
+        assert await _count(engine, name) == 1
+
+        holder.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.2, holder.execute, "ROLLBACK")
+        async with engine.begin() as conn:  # waits (up to 30 s) and takes it once let go
+            name = await _lease(conn)
+        assert await _count(engine, name) == 1
+    finally:
+        holder.close()
