@@ -340,6 +340,20 @@ async def test_mails_go_out_a_few_at_a_time_each_once_urgent_first(own_engine: A
     assert await four_lanes.send_due(now=t0 + timedelta(seconds=3)) == 0  # nothing is sent twice
 
 
+async def test_by_default_eight_mails_go_out_at_once(own_engine: AsyncEngine) -> None:
+    """Each lane waits for the write lock to claim its mail, then reads, sends and journals it; at
+    250 events/s on SQLite four lanes fell behind (queued -> sent p99 1.4-5.3 s against 0.6-2.0 s
+    with eight), and the claims of lanes that start together share one transaction."""
+    engine, pi, t0 = own_engine, address("pi"), now_utc()
+    for n in range(10):
+        await queue(engine, await raise_alert(engine, severity="high", title=f"Deviation {n}"), [pi], now=t0)
+    mailer = SlowMailer()
+    default = DeliverySender(engine, mailer, mail_from="trialwatch@localhost",
+                             api_base_url="http://127.0.0.1:8000", trial_title=TRIAL)
+    assert await default.send_due(now=t0 + timedelta(seconds=1)) == 10
+    assert mailer.most_at_once == 8
+
+
 async def test_the_lanes_claims_go_in_one_transaction_and_every_mail_is_recorded_sent(own_engine: AsyncEngine) -> None:
     """On SQLite each write transaction waits for the one write lock: the four lanes' claims,
     taken together, wait once (and their settles as they come together), not once each."""
