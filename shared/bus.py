@@ -28,6 +28,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.events import StoredEvent
+from shared.store.engine import reader
 from shared.store.eventstore import to_stored
 from shared.store.tables import events, outbox
 
@@ -139,6 +140,7 @@ class OutboxRelay:
                  window: int = 64, ack_timeout_s: float = 5.0) -> None:
         self.engine, self.broker, self.names, self.batch, self.window = engine, broker, names, batch, window
         self.ack_timeout_s = ack_timeout_s
+        self.reads = reader(engine)  # SQLite: the rows are read apart from their delete
         self._wake = asyncio.Event()
         self._js: JetStreamContext | None = None
         self._js_of: object = None  # the connection ``_js`` belongs to
@@ -180,7 +182,7 @@ class OutboxRelay:
                 acked, failed = await self._publish_all(pending)
                 await self._settle(conn, acked, failed)
         else:
-            async with self.engine.connect() as conn:
+            async with self.reads.connect() as conn:
                 pending = await self._pending(conn, lock=False)
             acked, failed = await self._publish_all(pending)
             async with self.engine.begin() as conn:

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from shared.store.engine import reader
 from shared.store.eventstore import now_utc, utc
 from shared.store.tables import api_tokens
 
@@ -118,7 +119,7 @@ class PrincipalCache:
 
     def __init__(self, engine: AsyncEngine, *, ttl: timedelta = PRINCIPAL_CACHE_TTL,
                  clock: Callable[[], datetime] = now_utc) -> None:
-        self._engine, self._ttl, self._clock = engine, ttl, clock
+        self._engine, self._ttl, self._clock = reader(engine), ttl, clock
         self._entries: dict[str, tuple[Principal, datetime]] = {}
 
     async def principal(self, token: str) -> Principal | None:

@@ -41,6 +41,7 @@ from services.notify.summary import AuditAnchor, RuleSnapshot, Summary, build_su
 from shared.clinical.stopping import evaluate_rules
 from shared.patients import fold_patients
 from shared.protocol import Protocol
+from shared.store.engine import reader
 from shared.store.eventstore import anchor_at, utc
 from shared.store.tables import digests
 
@@ -85,6 +86,7 @@ class DigestService:
         max_backoff: timedelta = timedelta(seconds=MAX_BACKOFF_S),
     ) -> None:
         self.engine, self.mailer, self.protocol = engine, mailer, protocol
+        self.reads = reader(engine)  # the once-a-second look for a due retry takes no write lock
         self.recipients, self.mail_from, self.clock = list(recipients), mail_from, clock
         self.replica = replica or replica_name()
         self.max_backoff = max_backoff
@@ -236,7 +238,7 @@ class DigestService:
         return result
 
     async def retry_unsent(self) -> None:
-        async with self.engine.connect() as conn:
+        async with self.reads.connect() as conn:
             rows = (await conn.execute(select(digests.c.period_key, digests.c.data_cutoff).where(
                 digests.c.status == "sending", digests.c.claimed_until <= self.clock()))).all()
         for row in rows:

@@ -9,11 +9,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -23,10 +23,12 @@ from services.notify.mailer import Mailer
 from services.notify.rendering import compose, render_alert
 from services.notify.sent_journal import SentJournal
 from shared.events import ALERT_WITHDRAWN, StoredEvent
+from shared.store.engine import reader
 from shared.store.eventstore import get_event, now_utc, utc
 from shared.store.tables import deliveries, events
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,49 @@ class _Claim:
     attempts: int
     lease_until: datetime
     reclaimed: bool  # taken over from a claim whose lease ran out (its sender may have sent it)
+
+
+class _Writes:
+    """The lanes' claims and settles, the ones that come together written in one transaction.
+
+    Each is a conditional UPDATE of one row. On SQLite each transaction first waits for the one
+    write lock, behind the safety batches and the ingest's group commits, and the busy handler is
+    no queue; so while one transaction of these waits (or runs), the next ones queue here and go
+    in the following transaction together: under load the lanes wait for the lock once a round,
+    not twice a mail. Alone, one goes straight away, as before. They run in row-id order (two
+    replicas' transactions take PostgreSQL's row locks in one order), and a failed transaction
+    fails each of its writes, which their callers handle as before (a claim is not taken, a
+    "sent" is tried again).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._queue: list[tuple[int, Callable[[AsyncConnection], Awaitable[Any]], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def run(self, row_id: int, write: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((row_id, write, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="delivery-writes")
+        return await done
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = sorted(self._queue, key=lambda job: job[0]), []
+            try:
+                async with self._engine.begin() as conn:
+                    results = [await write(conn) for _, write, _ in batch]
+            except BaseException as exc:  # never leave a caller waiting
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, _, done), result in zip(batch, results, strict=True):
+                if not done.done():
+                    done.set_result(result)
 
 
 class _Deferred(Exception):
@@ -60,9 +105,10 @@ class DeliverySender:
         lease: timedelta = timedelta(seconds=120),
         batch: int = 50,
         journal: SentJournal | None = None,
-        concurrency: int = 4,
+        concurrency: int = 8,
     ) -> None:
-        self._engine, self._mailer = engine, mailer
+        self._engine, self._reads, self._mailer = engine, reader(engine), mailer
+        self._writes = _Writes(engine)
         self._journal = journal or SentJournal(None)
         self._mail_from, self._api_base_url, self._trial_title = mail_from, api_base_url, trial_title
         self._timezone = timezone
@@ -110,17 +156,28 @@ class DeliverySender:
             return fixed or now_utc()
 
         due, lanes = await self._due(clock()), asyncio.Semaphore(self._concurrency)
+        recording: list[asyncio.Task[None]] = []
 
         async def one(row: Any) -> bool:
             async with lanes:
                 claim = await self._claim(row, clock())
-                return claim is not None and await self._deliver(claim, clock)
+                if claim is None:
+                    return False
+                outcome = await self._deliver(claim, clock)
+                if outcome is not None:  # the server has it: "sent" is recorded while the lane goes on
+                    recording.append(asyncio.create_task(self._record_sent(claim, clock)))
+                return outcome == "mailed"
 
-        # Taken in the order found (urgent first), ``concurrency`` at a time: one mail's SMTP
+        # Taken in the order found (urgent first), ``concurrency`` at a time (eight by default: a
+        # lane's mail waits for the write lock, then for the store and the server; four lanes fell
+        # behind at 250 events/s on SQLite): one mail's SMTP
         # conversation and fsync do not hold up the next (a withdrawal whose alert is still in
-        # flight is deferred, as when its alert failed: it never overtakes it).
+        # flight is deferred, as when its alert failed: it never overtakes it). A lane claims its
+        # next row while the last one's "sent" is being recorded, so the two share a transaction
+        # (``_Writes``): one wait for SQLite's write lock a mail, not two.
         outcomes = await asyncio.gather(*(one(row) for row in due), return_exceptions=True)
-        for outcome in outcomes:
+        recorded = await asyncio.gather(*recording, return_exceptions=True)
+        for outcome in [*outcomes, *recorded]:
             if isinstance(outcome, BaseException):
                 raise outcome
         return len(due), sum(1 for outcome in outcomes if outcome is True)
@@ -141,7 +198,7 @@ class DeliverySender:
             .order_by(urgent_first, deliveries.c.next_attempt_at, deliveries.c.id)
             .limit(self._batch)
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return list((await conn.execute(query)).all())
 
     async def _claim(self, row: Any, now: datetime) -> _Claim | None:
@@ -152,39 +209,42 @@ class DeliverySender:
             still_due = and_(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now)
         else:
             still_due = and_(deliveries.c.status == "sending", deliveries.c.claimed_until == row.claimed_until)
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == row.id, still_due)
-                .values(status="sending", claimed_until=lease_until)
-                .returning(deliveries.c.alert_event_id, deliveries.c.recipient, deliveries.c.message_id,
-                           deliveries.c.attempts)
-            )
-            taken = result.first()
+        claim = (
+            update(deliveries)
+            .where(deliveries.c.id == row.id, still_due)
+            .values(status="sending", claimed_until=lease_until)
+            .returning(deliveries.c.alert_event_id, deliveries.c.recipient, deliveries.c.message_id,
+                       deliveries.c.attempts)
+        )
+
+        async def take(conn: AsyncConnection) -> Any:
+            return (await conn.execute(claim)).first()
+
+        taken = await self._writes.run(row.id, take)
         if taken is None:
             return None
         return _Claim(row.id, taken.alert_event_id, taken.recipient, taken.message_id, taken.attempts, lease_until,
                       reclaimed=row.status == "sending")
 
-    async def _deliver(self, claim: _Claim, clock: Callable[[], datetime]) -> bool:
+    async def _deliver(self, claim: _Claim, clock: Callable[[], datetime]) -> Literal["mailed", "mailed before"] | None:
+        """Mail the claim: "mailed" now, or "mailed before" (its sender died after the server took
+        it); either way the caller records it sent. None: not sent, and the row is settled so."""
         if claim.reclaimed and await asyncio.to_thread(self._journal.has, claim.message_id):
             log.warning("alert mail %s to %s went out before its sender died; recording it, not sending it again",
                         claim.message_id, claim.recipient)
-            await self._record_sent(claim, clock)
-            return False
+            return "mailed before"
         try:
             message = await self._message(claim, clock())
             async with asyncio.timeout(self._lease.total_seconds() / 2):
                 await self._mailer.send(message)
         except _Deferred as deferred:
             await self._release(claim, next_attempt_at=deferred.until)
-            return False
+            return None
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
             await self._failed(claim, exc, clock())
-            return False
+            return None
         await asyncio.to_thread(self._journal.record, claim.message_id)
-        await self._record_sent(claim, clock)
-        return True
+        return "mailed"
 
     async def _record_sent(self, claim: _Claim, clock: Callable[[], datetime]) -> None:
         """The server has the mail: record it, trying again while the store refuses (a dropped
@@ -204,7 +264,7 @@ class DeliverySender:
                 pause = min(pause * 2, 2.0)
 
     async def _message(self, claim: _Claim, now: datetime) -> EmailMessage:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             event = await get_event(conn, claim.alert_event_id)
             if event is None:
                 raise LookupError(f"alert event {claim.alert_event_id} is not in the event store")
@@ -251,16 +311,19 @@ class DeliverySender:
 
     async def _settle(self, claim: _Claim, **values: Any) -> None:
         """End our claim, unless the lease ran out and another sender holds the row now."""
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(deliveries)
-                .where(
-                    deliveries.c.id == claim.id,
-                    deliveries.c.status == "sending",
-                    deliveries.c.claimed_until == claim.lease_until,
-                )
-                .values(claimed_until=None, **values)
+        settle = (
+            update(deliveries)
+            .where(
+                deliveries.c.id == claim.id,
+                deliveries.c.status == "sending",
+                deliveries.c.claimed_until == claim.lease_until,
             )
-        if result.rowcount == 0:
+            .values(claimed_until=None, **values)
+        )
+
+        async def end(conn: AsyncConnection) -> int:
+            return (await conn.execute(settle)).rowcount
+
+        if await self._writes.run(claim.id, end) == 0:
             log.warning("delivery %s to %s: lease lost before it was settled as %s",
                         claim.message_id, claim.recipient, values.get("status"))

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.safety.handlers import SafetyMonitor, lock_patients
 from shared.events import StoredEvent
 from shared.store import eventstore
+from shared.store.engine import reader
 from shared.store.eventstore import now_utc
 from shared.store.tables import due_checks, leases, rule_inputs_version
 from shared.store.upsert import upsert_returning
@@ -99,6 +100,7 @@ class TrialFollower:
     def __init__(self, engine: AsyncEngine, monitor: SafetyMonitor, lease: Lease, *,
                  after: Callable[[], None] = lambda: None, interval: float = 0.25) -> None:
         self.engine, self.monitor, self.lease, self.after, self.interval = engine, monitor, lease, after, interval
+        self.reads = reader(engine)
         self._wake = asyncio.Event()
         self._seen: int | None = None  # the rule-input version the rules were last evaluated at
 
@@ -113,7 +115,7 @@ class TrialFollower:
             return False
         if not was_leading:
             log.info("safety: %s follows the trial (stopping rules, due checks)", self.lease.holder)
-            async with self.engine.connect() as conn:
+            async with self.reads.connect() as conn:
                 seen, _ = await rule_inputs_seen(conn)
             await self.monitor.sweep()
             self._seen = seen
@@ -123,7 +125,7 @@ class TrialFollower:
     async def step(self) -> bool:
         """Run what has fallen due and the rules if any input moved; True if anything ran."""
         now = self.monitor.clock()
-        async with self.engine.connect() as conn:
+        async with self.reads.connect() as conn:
             due = list((await conn.execute(select(due_checks.c.subject_id).where(due_checks.c.due_at <= now)
                                            .order_by(due_checks.c.due_at).limit(DUE_BATCH))).scalars())
             version, cause = await rule_inputs_seen(conn)
