@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -112,8 +112,8 @@ class Decision:
 
 
 def _in_utc(row: RuleInput) -> RuleInput:
-    return replace(row, evaluable_at=row.evaluable_at.astimezone(UTC),
-                   counts_from=row.counts_from.astimezone(UTC) if row.counts_from else None)
+    return RuleInput(row.rule_id, row.subject_id, row.arm, row.event, row.evaluable_at.astimezone(UTC),
+                     row.counts_from.astimezone(UTC) if row.counts_from else None)
 
 
 class SafetyMonitor:

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
 from typing import Any
 
 from shared.clinical import alerts, endpoints
@@ -28,6 +27,7 @@ from shared.clinical.records import PatientOutcome
 from shared.clinical.treatment import treatment_from
 from shared.clinical.windows import build_windows
 from shared.events import AlertRaised, StoredEvent
+from shared.lazy import lazy
 from shared.protocol import Protocol
 
 __all__ = ["NotEnrolledError", "PatientState", "fold_patient"]
@@ -71,7 +71,7 @@ class PatientState:
         """Every alert this history justifies at ``now`` (alerts.py)."""
         return list(self._desired)
 
-    @cached_property
+    @lazy
     def _desired(self) -> tuple[AlertRaised, ...]:
         # Computed once per fold: the monitor asks for the alerts, the held ones and the next due
         # moment (which asks for the held ones) of the same state.
