@@ -116,24 +116,6 @@ def _in_utc(row: RuleInput) -> RuleInput:
                      row.counts_from.astimezone(UTC) if row.counts_from else None)
 
 
-def decide(protocol: Protocol, known: Known, now: datetime, cause: StoredEvent | None = None) -> Decision | None:
-    """What one patient's evaluation at ``now`` writes (pure: the store is not touched, so a worker
-    process can run it, services/safety/replay_workers.py); None if not enrolled."""
-    history = known.history
-    if not any(e.type == PATIENT_ENROLLED for e in history):
-        return None
-    state = fold_patient(history, protocol, now=now)
-    existing = {k: v for k, v in fold_alerts(known.alerts).items() if v.kind != STOPPING_KIND}
-    appends = plan(state.desired_alerts(), existing, now=now, withdraw_reason=withdraw_reason(cause),
-                   causation=cause.event_id if cause else None, held=state.held_alert_ids())
-    public = state.public()
-    projection = {"subject_id": state.subject_id, "site_id": public["site_id"], "state": public,
-                  "last_position": history[-1].position, "updated_at": now,
-                  "last_recorded_at": max(e.recorded_at for e in history)}
-    return Decision(state.subject_id, appends, projection, next_moment(state),
-                    [_in_utc(r) for r in rule_inputs(protocol, state)])
-
-
 class SafetyMonitor:
     def __init__(self, engine: AsyncEngine, protocol: Protocol, clock: Callable[[], datetime]) -> None:
         self.engine, self.protocol, self.clock = engine, protocol, clock
@@ -190,12 +172,11 @@ class SafetyMonitor:
         await self.check(None)
         return len(subjects)
 
-    async def replay(self, *, progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> int:
-        """Rebuild every patient's read model from one pass over the log (services/safety/replay.py);
-        ``workers``: processes deciding patients (default: as many as pay for the trial's size)."""
+    async def replay(self, *, progress: Callable[[int, int], None] | None = None) -> int:
+        """Rebuild every patient's read model from one pass over the log (services/safety/replay.py)."""
         from services.safety.replay import replay  # it builds on this module
 
-        return await replay(self, progress, workers=workers)
+        return await replay(self, progress)
 
     # --- one patient ---------------------------------------------------------------------------
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,
@@ -281,8 +262,21 @@ class SafetyMonitor:
         return changed
 
     def decide(self, known: Known, cause: StoredEvent | None = None) -> Decision | None:
-        """What one patient's evaluation writes (``decide``, at the monitor's clock)."""
-        return decide(self.protocol, known, self.clock(), cause)
+        """What one patient's evaluation writes (pure: the store is not touched); None if not enrolled."""
+        history = known.history
+        if not any(e.type == PATIENT_ENROLLED for e in history):
+            return None
+        now = self.clock()
+        state = fold_patient(history, self.protocol, now=now)
+        existing = {k: v for k, v in fold_alerts(known.alerts).items() if v.kind != STOPPING_KIND}
+        appends = plan(state.desired_alerts(), existing, now=now, withdraw_reason=withdraw_reason(cause),
+                       causation=cause.event_id if cause else None, held=state.held_alert_ids())
+        public = state.public()
+        projection = {"subject_id": state.subject_id, "site_id": public["site_id"], "state": public,
+                      "last_position": history[-1].position, "updated_at": now,
+                      "last_recorded_at": max(e.recorded_at for e in history)}
+        return Decision(state.subject_id, appends, projection, next_moment(state),
+                        [_in_utc(r) for r in rule_inputs(self.protocol, state)])
 
     async def write_many(self, conn: AsyncConnection, decisions: list[Decision]) -> None:
         """Many patients' decisions in a few statements (replay): their old rows go, the new come."""

@@ -1,11 +1,10 @@
 """``trialwatch replay``: every patient's read model rebuilt from one pass over the log.
 
 - The patients' and the alerts' events are read once, in (subject, position) order
-  (shared/store/subject_scan.py), and each patient is decided (``handlers.decide``, pure) as
-  soon as its rows are in: nothing waits for the whole log, nothing holds it. A large replay
-  decides them in worker processes, in order (replay_workers.py).
+  (shared/store/subject_scan.py), and each patient is decided (``SafetyMonitor.decide``, pure) as
+  soon as its rows are in: nothing waits for the whole log, nothing holds it.
 - ``BATCH`` patients are written in one transaction (``SafetyMonitor.write_many``); while one
-  batch is being written the next is decided (the store works while the patients are folded).
+  batch is being written the next is decided (the store works while this process folds).
 - A patient whose rows do not decode or fold is set aside, as the consumer sets it aside; a
   batch whose writes fail is evaluated again patient by patient, each behind its bulkhead; an
   outage of the store stops the replay (run it again).
@@ -18,13 +17,12 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import distinct, func, select
 
-from services.safety import replay_workers
-from services.safety.handlers import Decision, SafetyMonitor, lock_patients
+from services.safety.handlers import Decision, Known, SafetyMonitor, lock_patients
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED
 from shared.patients import PATIENT_TYPES
 from shared.store import subject_scan
@@ -45,31 +43,23 @@ class Batch:
     decisions: list[Decision] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
 
-    def add(self, subject_id: str, decision: Decision | None, error: str | None) -> None:
-        self.subjects.append(subject_id)
-        if error is not None:
-            self.failed[subject_id] = error
-        elif decision is not None:
-            self.decisions.append(decision)
 
-
-async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | None = None, *,
-                 workers: int | None = None) -> int:
-    """Rebuild every enrolled patient's read model, then evaluate the rules; how many patients.
-    ``workers``: processes deciding patients (default: ``replay_workers.workers_for`` the trial)."""
+async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | None = None) -> int:
+    """Rebuild every enrolled patient's read model, then evaluate the rules; how many patients."""
     total, done = await _enrolled(monitor), 0
     writing: asyncio.Task[int] | None = None
     batch = Batch()
     with _collector_on_new_objects_only():
         try:
-            count = replay_workers.workers_for(total) if workers is None else workers
-            async with (contextlib.aclosing(_enrolled_patients(monitor)) as patients,
-                        contextlib.aclosing(replay_workers.decided(monitor, patients, count)) as answers):
-                async for subject_id, decision, error in answers:
-                    batch.add(subject_id, decision, error)
+            async with contextlib.aclosing(subject_scan.by_subject(monitor.engine, PATIENT_TYPES | ALERT_TYPES)) as scan:
+                async for subject_id, rows in scan:
+                    if not any(row[TYPE] == PATIENT_ENROLLED for row in rows):
+                        continue
+                    _decide(monitor, batch, subject_id, rows)
                     if len(batch.subjects) == BATCH:
                         done += await _written(writing, progress, done, total)
                         writing, batch = asyncio.create_task(_write(monitor, batch)), Batch()
+                    await asyncio.sleep(0)  # the batch being written goes on meanwhile
             done += await _written(writing, progress, done, total)
             writing = None
             if batch.subjects:
@@ -83,12 +73,24 @@ async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | 
     return done
 
 
-async def _enrolled_patients(monitor: SafetyMonitor) -> AsyncGenerator[replay_workers.Patient, None]:
-    """Each patient's rows (its stream and its alerts), enrolled patients only."""
-    async with contextlib.aclosing(subject_scan.by_subject(monitor.engine, PATIENT_TYPES | ALERT_TYPES)) as scan:
-        async for subject_id, rows in scan:
-            if any(row[TYPE] == PATIENT_ENROLLED for row in rows):
-                yield subject_id, rows
+def known_of(rows: subject_scan.Rows) -> Known:
+    """One patient's rows as ``subject_scan`` read them, decoded: its stream and its alerts."""
+    known = Known()
+    for row in rows:
+        event = subject_scan.decode(row)
+        (known.alerts if event.type in ALERT_TYPES else known.history).append(event)
+    return known
+
+
+def _decide(monitor: SafetyMonitor, batch: Batch, subject_id: str, rows: subject_scan.Rows) -> None:
+    batch.subjects.append(subject_id)
+    try:
+        decision = monitor.decide(known_of(rows))
+    except Exception as exc:  # the patient's record: set aside when the batch is written
+        batch.failed[subject_id] = f"{type(exc).__name__}: {exc}"
+        return
+    if decision is not None:
+        batch.decisions.append(decision)
 
 
 async def _write(monitor: SafetyMonitor, batch: Batch) -> int:

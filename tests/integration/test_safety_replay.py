@@ -34,13 +34,7 @@ async def read_models(engine: AsyncEngine) -> dict[str, Any]:
         }
 
 
-# 0: every patient decided in this process; 2: in two worker processes (a large trial's replay).
-WORKERS = pytest.mark.parametrize("workers", [0, 2])
-
-
-@WORKERS
-async def test_replay_rebuilds_every_read_model_from_the_log_and_appends_nothing(trial_ward: Ward,
-                                                                                  workers: int) -> None:
+async def test_replay_rebuilds_every_read_model_from_the_log_and_appends_nothing(trial_ward: Ward) -> None:
     ward = trial_ward
     subjects = [await ward.enrol() for _ in range(3)]
     ward.clock.set(day(6, 9))
@@ -57,14 +51,12 @@ async def test_replay_rebuilds_every_read_model_from_the_log_and_appends_nothing
         for table in (rule_inputs, patient_projection, due_checks):
             await conn.execute(delete(table))
     told: list[tuple[int, int]] = []
-    assert await ward.monitor.replay(progress=lambda done, total: told.append((done, total)), workers=workers) == 3
+    assert await ward.monitor.replay(progress=lambda done, total: told.append((done, total))) == 3
     assert await read_models(ward.engine) == before
     assert told == [(3, 3)]
 
 
-@WORKERS
-async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_goes_on(trial_ward: Ward,
-                                                                                       workers: int) -> None:
+async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_goes_on(trial_ward: Ward) -> None:
     ward = trial_ward
     broken, healthy = await ward.enrol(), await ward.enrol()
     ward.clock.set(day(6, 9))
@@ -81,7 +73,7 @@ async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_
         for table in (rule_inputs, patient_projection, due_checks):
             await conn.execute(delete(table))
 
-    assert await ward.monitor.replay(workers=workers) == 2
+    assert await ward.monitor.replay() == 2
     async with ward.engine.connect() as conn:
         failed = {r.subject_id: r.error for r in await conn.execute(select(patient_failures))}
         projected = set((await conn.execute(select(patient_projection.c.subject_id))).scalars())
