@@ -80,6 +80,10 @@ class PatientState:
     def held_alert_ids(self) -> frozenset[uuid.UUID]:
         """Desired alerts not to raise yet: alerts on something missing while data entry has not
         settled (alerts.py). An open one stays open; the rest wait for ``next_due_at``."""
+        return self._held
+
+    @lazy
+    def _held(self) -> frozenset[uuid.UUID]:  # the monitor asks for them, and ``next_due_at`` does
         if self.chart.settled:
             return frozenset()
         return frozenset(a.alert_id for a in self._desired if alerts.by_absence(a))
