@@ -172,11 +172,11 @@ class SafetyMonitor:
         await self.check(None)
         return len(subjects)
 
-    async def replay(self, *, progress: Callable[[int, int], None] | None = None) -> int:
+    async def replay(self, *, progress: Callable[[int, int], None] | None = None, processes: int | None = None) -> int:
         """Rebuild every patient's read model from one pass over the log (services/safety/replay.py)."""
         from services.safety.replay import replay  # it builds on this module
 
-        return await replay(self, progress)
+        return await replay(self, progress, processes=processes)
 
     # --- one patient ---------------------------------------------------------------------------
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,

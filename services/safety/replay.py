@@ -8,7 +8,12 @@
 - A patient whose rows do not decode or fold is set aside, as the consumer sets it aside; a
   batch whose writes fail is evaluated again patient by patient, each behind its bulkhead; an
   outage of the store stops the replay (run it again).
-- Then the stopping rules, once. ``progress(done, total)`` is told after each transaction.
+- On PostgreSQL, with a second core and at least ``MIN_FOR_TWO`` patients, the patients are
+  split in two halves by subject id and a forked second process replays the later half the same
+  way, on connections of its own (replay_fork.py): the fold is pure Python, and one process folds
+  more slowly than the store reads. If it fails, this process replays its half after its own.
+- Then the stopping rules, once. ``progress(done, total)`` is told after each transaction (of
+  this process; the second process's patients when it has finished).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import distinct, func, select
 
+from services.safety import replay_fork
 from services.safety.handlers import Decision, Known, SafetyMonitor, lock_patients
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED
 from shared.patients import PATIENT_TYPES
@@ -44,32 +50,55 @@ class Batch:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | None = None) -> int:
-    """Rebuild every enrolled patient's read model, then evaluate the rules; how many patients."""
-    total, done = await _enrolled(monitor), 0
+async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | None = None, *,
+                 processes: int | None = None) -> int:
+    """Rebuild every enrolled patient's read model, then evaluate the rules; how many patients.
+    ``processes``: 2 to replay the later half of the patients in a second process (PostgreSQL;
+    by default when the trial is large enough and a second core is there), else 1."""
+    total = await _enrolled(monitor)
+    told = _Told(progress, total)
+    with _collector_on_new_objects_only():
+        split = await _half_way(monitor, total) if _two_processes(monitor, total, processes) else None
+        if split is None:
+            done = await replay_subjects(monitor, (None, None), told)
+        else:
+            later = replay_fork.start(monitor, lambda forked: replay_subjects(forked, (split, None), None))
+            done = await replay_subjects(monitor, (None, split), told)
+            forked = await later.result()
+            if forked is None:  # it did not finish: those patients again, here (replaying is idempotent)
+                log.error("replay: the second process failed; replaying its patients here")
+                forked = await replay_subjects(monitor, (split, None), told)
+            done += forked
+            told.add(0, done)
+    await monitor.check(None)
+    return done
+
+
+async def replay_subjects(monitor: SafetyMonitor, subjects: tuple[str | None, str | None], told: _Told | None) -> int:
+    """Rebuild the read models of the enrolled patients of ``subjects`` (subject_scan.by_subject)."""
+    done = 0
     writing: asyncio.Task[int] | None = None
     batch = Batch()
-    with _collector_on_new_objects_only():
-        try:
-            async with contextlib.aclosing(subject_scan.by_subject(monitor.engine, PATIENT_TYPES | ALERT_TYPES)) as scan:
-                async for subject_id, rows in scan:
-                    if not any(row[TYPE] == PATIENT_ENROLLED for row in rows):
-                        continue
-                    _decide(monitor, batch, subject_id, rows)
-                    if len(batch.subjects) == BATCH:
-                        done += await _written(writing, progress, done, total)
-                        writing, batch = asyncio.create_task(_write(monitor, batch)), Batch()
-                    await asyncio.sleep(0)  # the batch being written goes on meanwhile
-            done += await _written(writing, progress, done, total)
-            writing = None
-            if batch.subjects:
-                done += await _written(asyncio.create_task(_write(monitor, batch)), progress, done, total)
-        finally:
-            if writing is not None and not writing.done():
-                writing.cancel()
-                with contextlib.suppress(BaseException):
-                    await writing
-    await monitor.check(None)
+    try:
+        async with contextlib.aclosing(subject_scan.by_subject(monitor.engine, PATIENT_TYPES | ALERT_TYPES,
+                                                               subjects=subjects)) as scan:
+            async for subject_id, rows in scan:
+                if not any(row[TYPE] == PATIENT_ENROLLED for row in rows):
+                    continue
+                _decide(monitor, batch, subject_id, rows)
+                if len(batch.subjects) == BATCH:
+                    done += await _written(writing, told, done)
+                    writing, batch = asyncio.create_task(_write(monitor, batch)), Batch()
+                await asyncio.sleep(0)  # the batch being written goes on meanwhile
+        done += await _written(writing, told, done)
+        writing = None
+        if batch.subjects:
+            done += await _written(asyncio.create_task(_write(monitor, batch)), told, done)
+    finally:
+        if writing is not None and not writing.done():
+            writing.cancel()
+            with contextlib.suppress(BaseException):
+                await writing
     return done
 
 
@@ -112,15 +141,44 @@ async def _write(monitor: SafetyMonitor, batch: Batch) -> int:
     return len(batch.subjects)
 
 
-async def _written(writing: asyncio.Task[int] | None, progress: Callable[[int, int], None] | None,
-                   done: int, total: int) -> int:
+@dataclass
+class _Told:
+    """The progress callback, told (done, total) after each transaction of this process."""
+
+    progress: Callable[[int, int], None] | None
+    total: int
+
+    def add(self, done: int, count: int) -> None:
+        if self.progress is not None:
+            self.progress(done + count, max(done + count, self.total))
+
+
+async def _written(writing: asyncio.Task[int] | None, told: _Told | None, done: int) -> int:
     """Wait for the batch being written (if any); tell the progress; how many it held."""
     if writing is None:
         return 0
     count = await writing
-    if progress is not None:
-        progress(done + count, max(done + count, total))
+    if told is not None:
+        told.add(done, count)
     return count
+
+
+MIN_FOR_TWO = 1000  # patients: below, a second process's start costs more than it saves
+
+
+def _two_processes(monitor: SafetyMonitor, total: int, processes: int | None) -> bool:
+    if monitor.engine.dialect.name != "postgresql" or not replay_fork.available():
+        return False  # SQLite has one writer at a time
+    if processes is not None:
+        return processes > 1 and total > 1
+    return total >= MIN_FOR_TWO and replay_fork.cores() > 1
+
+
+async def _half_way(monitor: SafetyMonitor, total: int) -> str | None:
+    """The enrolled patient's id that splits them in two halves (by subject id)."""
+    async with monitor.engine.connect() as conn:
+        return await conn.scalar(select(events.c.subject_id).where(events.c.type == PATIENT_ENROLLED)
+                                 .order_by(events.c.subject_id).offset(total // 2).limit(1))
 
 
 async def _enrolled(monitor: SafetyMonitor) -> int:
