@@ -63,7 +63,11 @@ async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | 
             done = await replay_subjects(monitor, (None, None), told)
         else:
             later = replay_fork.start(monitor, lambda forked: replay_subjects(forked, (split, None), None))
-            done = await replay_subjects(monitor, (None, split), told)
+            try:
+                done = await replay_subjects(monitor, (None, split), told)
+            except BaseException:  # an outage, an interruption: the second process stops too
+                later.stop()
+                raise
             forked = await later.result()
             if forked is None:  # it did not finish: those patients again, here (replaying is idempotent)
                 log.error("replay: the second process failed; replaying its patients here")

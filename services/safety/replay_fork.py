@@ -44,6 +44,12 @@ class Forked:
     def __init__(self, process: Any, answers: Connection) -> None:
         self.process, self.answers = process, answers
 
+    def stop(self) -> None:
+        """End it (the caller is giving up on the replay)."""
+        self.process.terminate()
+        self.process.join()
+        self.answers.close()
+
     async def result(self) -> int | None:
         """How many patients the child replayed, once it has ended; None if it failed."""
         loop = asyncio.get_running_loop()

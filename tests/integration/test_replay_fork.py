@@ -3,6 +3,8 @@ does its share itself, services/safety/replay.py)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -32,3 +34,13 @@ async def test_a_second_process_that_fails_says_so(own_engine: AsyncEngine, prot
         raise RuntimeError("the store went away")
 
     assert await replay_fork.start(SafetyMonitor(own_engine, protocol, now_utc), failing).result() is None
+
+
+async def test_a_second_process_can_be_stopped(own_engine: AsyncEngine, protocol: Protocol) -> None:
+    async def endless(forked: SafetyMonitor) -> int:
+        while True:
+            await asyncio.sleep(1)
+
+    forked = replay_fork.start(SafetyMonitor(own_engine, protocol, now_utc), endless)
+    forked.stop()
+    assert not forked.process.is_alive()
