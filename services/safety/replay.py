@@ -71,9 +71,10 @@ async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | 
             forked = await later.result()
             if forked is None:  # it did not finish: those patients again, here (replaying is idempotent)
                 log.error("replay: the second process failed; replaying its patients here")
-                forked = await replay_subjects(monitor, (split, None), told)
-            done += forked
-            told.add(0, done)
+                done += await replay_subjects(monitor, (split, None), told)
+            else:
+                done += forked
+                told.add(forked)
     await monitor.check(None)
     return done
 
@@ -91,13 +92,13 @@ async def replay_subjects(monitor: SafetyMonitor, subjects: tuple[str | None, st
                     continue
                 _decide(monitor, batch, subject_id, rows)
                 if len(batch.subjects) == BATCH:
-                    done += await _written(writing, told, done)
+                    done += await _written(writing, told)
                     writing, batch = asyncio.create_task(_write(monitor, batch)), Batch()
                 await asyncio.sleep(0)  # the batch being written goes on meanwhile
-        done += await _written(writing, told, done)
+        done += await _written(writing, told)
         writing = None
         if batch.subjects:
-            done += await _written(asyncio.create_task(_write(monitor, batch)), told, done)
+            done += await _written(asyncio.create_task(_write(monitor, batch)), told)
     finally:
         if writing is not None and not writing.done():
             writing.cancel()
@@ -151,19 +152,21 @@ class _Told:
 
     progress: Callable[[int, int], None] | None
     total: int
+    done: int = 0
 
-    def add(self, done: int, count: int) -> None:
+    def add(self, count: int) -> None:
+        self.done += count
         if self.progress is not None:
-            self.progress(done + count, max(done + count, self.total))
+            self.progress(self.done, max(self.done, self.total))
 
 
-async def _written(writing: asyncio.Task[int] | None, told: _Told | None, done: int) -> int:
+async def _written(writing: asyncio.Task[int] | None, told: _Told | None) -> int:
     """Wait for the batch being written (if any); tell the progress; how many it held."""
     if writing is None:
         return 0
     count = await writing
     if told is not None:
-        told.add(done, count)
+        told.add(count)
     return count
 
 

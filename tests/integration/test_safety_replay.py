@@ -60,7 +60,8 @@ async def test_replay_rebuilds_every_read_model_from_the_log_and_appends_nothing
     told: list[tuple[int, int]] = []
     assert await ward.monitor.replay(progress=lambda done, total: told.append((done, total)), processes=processes) == 3
     assert await read_models(ward.engine) == before
-    assert told[-1] == (3, 3)
+    split = processes == 2 and ward.engine.dialect.name == "postgresql"
+    assert told == ([(1, 3), (3, 3)] if split else [(3, 3)])  # the first half, then the second process's
 
 
 @PROCESSES
