@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.safety.handlers import SafetyMonitor
 from shared.events import ALERT_TYPES, NewEvent, patient_stream
 from shared.protocol import Protocol
 from shared.store import eventstore
@@ -90,3 +93,32 @@ async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_
         projected = set((await conn.execute(select(patient_projection.c.subject_id))).scalars())
     assert list(failed) == [broken] and "data" in failed[broken]
     assert projected == {healthy}
+
+
+async def test_when_the_second_process_fails_the_first_replays_its_half(trial_ward: Ward) -> None:
+    ward = trial_ward
+    subjects = [await ward.enrol() for _ in range(4)]
+    ward.clock.set(day(6, 9))
+    for subject in subjects:
+        await ward.treat(subject)
+    ward.clock.set(day(20, 9))
+    for subject in subjects:
+        await ward.monitor.check(subject)
+    before = await read_models(ward.engine)
+    async with ward.engine.begin() as conn:
+        for table in (rule_inputs, patient_projection, due_checks):
+            await conn.execute(delete(table))
+
+    # A clock that fails in any process but this one: the second process cannot write a thing.
+    parent = os.getpid()
+
+    def clock() -> datetime:
+        if os.getpid() != parent:
+            raise RuntimeError("no clock in the second process")
+        return ward.clock()
+
+    monitor = SafetyMonitor(ward.engine, ward.monitor.protocol, clock)
+    assert await monitor.replay(processes=2) == 4
+    assert await read_models(ward.engine) == before
+    async with ward.engine.connect() as conn:
+        assert not (await conn.execute(select(patient_failures))).first()
