@@ -9,9 +9,10 @@
   batch whose writes fail is evaluated again patient by patient, each behind its bulkhead; an
   outage of the store stops the replay (run it again).
 - On PostgreSQL, with a second core and at least ``MIN_FOR_TWO`` patients, the patients are
-  split in two halves by subject id and a forked second process replays the later half the same
-  way, on connections of its own (replay_fork.py): the fold is pure Python, and one process folds
-  more slowly than the store reads. If it fails, this process replays its half after its own.
+  split in ``SHARES`` ranges by subject id; this process replays them from the first, a forked
+  second process from the last, the same way, on connections of its own (replay_fork.py), until
+  they meet: the fold is pure Python, and one process folds more slowly than the store reads. If
+  the second process fails, this one replays the shares it had taken.
 - Then the stopping rules, once. ``progress(done, total)`` is told after each transaction (of
   this process; the second process's patients when it has finished).
 """
@@ -53,25 +54,27 @@ class Batch:
 async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | None = None, *,
                  processes: int | None = None) -> int:
     """Rebuild every enrolled patient's read model, then evaluate the rules; how many patients.
-    ``processes``: 2 to replay the later half of the patients in a second process (PostgreSQL;
-    by default when the trial is large enough and a second core is there), else 1."""
+    ``processes``: 2 to share the patients with a second process (PostgreSQL; by default when
+    the trial is large enough and a second core is there), else 1."""
     total = await _enrolled(monitor)
     told = _Told(progress, total)
     with _collector_on_new_objects_only():
-        split = await _half_way(monitor, total) if _two_processes(monitor, total, processes) else None
-        if split is None:
-            done = await replay_subjects(monitor, (None, None), told)
+        shares: list[Share] = await _shares(monitor) if _two_processes(monitor, total, processes) else [(None, None)]
+        if len(shares) == 1:
+            done = await replay_subjects(monitor, shares[0], told)
         else:
-            later = replay_fork.start(monitor, lambda forked: replay_subjects(forked, (split, None), None))
+            claims = replay_fork.Claims(len(shares))
+            later = replay_fork.start(monitor, lambda forked: _claimed(forked, shares, claims.from_back, None))
             try:
-                done = await replay_subjects(monitor, (None, split), told)
+                done = await _claimed(monitor, shares, claims.from_front, told)
             except BaseException:  # an outage, an interruption: the second process stops too
                 later.stop()
                 raise
             forked = await later.result()
-            if forked is None:  # it did not finish: those patients again, here (replaying is idempotent)
+            if forked is None:  # it did not finish: its shares again, here (replaying is idempotent)
                 log.error("replay: the second process failed; replaying its patients here")
-                done += await replay_subjects(monitor, (split, None), told)
+                for share in claims.taken_from_back():
+                    done += await replay_subjects(monitor, shares[share], told)
             else:
                 done += forked
                 told.add(forked)
@@ -181,11 +184,27 @@ def _two_processes(monitor: SafetyMonitor, total: int, processes: int | None) ->
     return total >= MIN_FOR_TWO and replay_fork.cores() > 1
 
 
-async def _half_way(monitor: SafetyMonitor, total: int) -> str | None:
-    """The enrolled patient's id that splits them in two halves (by subject id)."""
+Share = tuple[str | None, str | None]  # subject ids from (included), to (excluded); None: no bound
+SHARES = 8  # ranges of patients the two processes take in turn, so neither waits long for the other
+
+
+async def _shares(monitor: SafetyMonitor) -> list[Share]:
+    """``SHARES`` ranges of subject ids, about as many enrolled patients in each, covering all."""
     async with monitor.engine.connect() as conn:
-        return await conn.scalar(select(events.c.subject_id).where(events.c.type == PATIENT_ENROLLED)
-                                 .order_by(events.c.subject_id).offset(total // 2).limit(1))
+        subjects = list((await conn.scalars(select(events.c.subject_id).distinct()
+                                            .where(events.c.type == PATIENT_ENROLLED)
+                                            .order_by(events.c.subject_id))).all())
+    bounds: list[str | None] = [None, *sorted({subjects[len(subjects) * k // SHARES] for k in range(1, SHARES)}), None]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+async def _claimed(monitor: SafetyMonitor, shares: list[Share],
+                   claim: Callable[[], int | None], told: _Told | None) -> int:
+    """Replay the shares ``claim`` hands this process, until none is left."""
+    done = 0
+    while (share := claim()) is not None:
+        done += await replay_subjects(monitor, shares[share], told)
+    return done
 
 
 async def _enrolled(monitor: SafetyMonitor) -> int:

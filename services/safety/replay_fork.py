@@ -40,6 +40,34 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class Claims:
+    """Shares of work numbered 0..n-1, taken from the front by one process and from the back by
+    the other (memory shared across the fork), each taken once."""
+
+    def __init__(self, shares: int) -> None:
+        self._next = multiprocessing.get_context("fork").Array("i", [0, shares - 1, shares])  # front, back, n
+
+    def from_front(self) -> int | None:
+        with self._next.get_lock():
+            front, back = self._next[0], self._next[1]
+            if front > back:
+                return None
+            self._next[0] = front + 1
+            return int(front)
+
+    def from_back(self) -> int | None:
+        with self._next.get_lock():
+            front, back = self._next[0], self._next[1]
+            if front > back:
+                return None
+            self._next[1] = back - 1
+            return int(back)
+
+    def taken_from_back(self) -> list[int]:
+        with self._next.get_lock():
+            return list(range(self._next[1] + 1, self._next[2]))
+
+
 class Forked:
     def __init__(self, process: Any, answers: Connection) -> None:
         self.process, self.answers = process, answers
