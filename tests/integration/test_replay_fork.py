@@ -44,3 +44,11 @@ async def test_a_second_process_can_be_stopped(own_engine: AsyncEngine, protocol
     forked = replay_fork.start(SafetyMonitor(own_engine, protocol, now_utc), endless)
     forked.stop()
     assert not forked.process.is_alive()
+
+
+def test_shares_are_taken_from_either_end_each_once() -> None:
+    claims = replay_fork.Claims(5)
+    taken = [claims.from_front(), claims.from_back(), claims.from_back(), claims.from_front(), claims.from_front()]
+    assert taken == [0, 4, 3, 1, 2]
+    assert claims.from_front() is None and claims.from_back() is None
+    assert claims.taken_from_back() == [3, 4]
