@@ -67,10 +67,10 @@ class AlertView:
         }
 
 
-def _apply(view: AlertView | None, event: StoredEvent) -> AlertView | None:
+def _apply(view: AlertView | None, event: StoredEvent, alert_id: uuid.UUID) -> AlertView | None:
     if event.type in (ALERT_RAISED, STOPPING_BOUNDARY_CROSSED):
         return AlertView(
-            alert_id=uuid.UUID(str(event.data["alert_id"])),
+            alert_id=alert_id,
             kind=event.data["kind"],
             severity=event.data["severity"],
             subject_id=event.data.get("subject_id"),
@@ -100,7 +100,7 @@ def fold_alerts(events: Iterable[StoredEvent]) -> dict[uuid.UUID, AlertView]:
     views: dict[uuid.UUID, AlertView] = {}
     for event in sorted(events, key=lambda e: e.position):
         alert_id = uuid.UUID(str(event.data["alert_id"]))
-        folded = _apply(views.get(alert_id), event)
+        folded = _apply(views.get(alert_id), event, alert_id)
         if folded is not None:
             views[alert_id] = folded
     return views

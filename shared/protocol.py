@@ -46,9 +46,12 @@ class Recipients(_Model):
     dsmb: list[str] = Field(min_length=1)
 
 
+MAX_STEP_DAY = 28
+
+
 class DoseStep(_Model):
-    from_day: int = Field(ge=1, le=28)
-    to_day: int = Field(ge=1, le=28)
+    from_day: int = Field(ge=1, le=MAX_STEP_DAY)
+    to_day: int = Field(ge=1, le=MAX_STEP_DAY)
     dose_ug: float = Field(gt=0)
 
 
@@ -78,10 +81,21 @@ class CohortPlan(_Model):
     def doses_for(self, course: int, day: int) -> list[float]:
         """The doses on schedule for ``day`` of ``course``: the schedule's, and for a later course
         also ``later_course_schedule``'s."""
+        found = self._doses_by_day.get((course > 1, day))
+        return list(found) if found is not None else self._doses_on(course, day)
+
+    def _doses_on(self, course: int, day: int) -> list[float]:
         options = [_dose_on(self.schedule, day)]
         if course > 1:
             options.append(_dose_on(self.later_course_schedule, day))
         return list(dict.fromkeys(d for d in options if d is not None))
+
+    @cached_property
+    def _doses_by_day(self) -> dict[tuple[bool, int], tuple[float, ...]]:
+        """``_doses_on`` of every day a step can name, for a first and for a later course, worked
+        out once: the fold asks for every dose of every patient."""
+        return {(later, day): tuple(self._doses_on(2 if later else 1, day))
+                for later in (False, True) for day in range(1, MAX_STEP_DAY + 1)}
 
 
 def _dose_on(schedule: list[DoseStep], day: int) -> float | None:

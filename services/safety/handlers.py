@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -112,8 +112,8 @@ class Decision:
 
 
 def _in_utc(row: RuleInput) -> RuleInput:
-    return replace(row, evaluable_at=row.evaluable_at.astimezone(UTC),
-                   counts_from=row.counts_from.astimezone(UTC) if row.counts_from else None)
+    return RuleInput(row.rule_id, row.subject_id, row.arm, row.event, row.evaluable_at.astimezone(UTC),
+                     row.counts_from.astimezone(UTC) if row.counts_from else None)
 
 
 class SafetyMonitor:
@@ -172,11 +172,11 @@ class SafetyMonitor:
         await self.check(None)
         return len(subjects)
 
-    async def replay(self, *, progress: Callable[[int, int], None] | None = None) -> int:
+    async def replay(self, *, progress: Callable[[int, int], None] | None = None, processes: int | None = None) -> int:
         """Rebuild every patient's read model from one pass over the log (services/safety/replay.py)."""
         from services.safety.replay import replay  # it builds on this module
 
-        return await replay(self, progress)
+        return await replay(self, progress, processes=processes)
 
     # --- one patient ---------------------------------------------------------------------------
     async def evaluate_guarded(self, conn: AsyncConnection, subject_id: str, *,

@@ -8,7 +8,13 @@
 - A patient whose rows do not decode or fold is set aside, as the consumer sets it aside; a
   batch whose writes fail is evaluated again patient by patient, each behind its bulkhead; an
   outage of the store stops the replay (run it again).
-- Then the stopping rules, once. ``progress(done, total)`` is told after each transaction.
+- On PostgreSQL, with a second core and at least ``MIN_FOR_TWO`` patients, the patients are
+  split in ``SHARES`` ranges by subject id; this process replays them from the first, a forked
+  second process from the last, the same way, on connections of its own (replay_fork.py), until
+  they meet: the fold is pure Python, and one process folds more slowly than the store reads. If
+  the second process fails, this one replays the shares it had taken.
+- Then the stopping rules, once. ``progress(done, total)`` is told after each transaction (of
+  this process; the second process's patients when it has finished).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import distinct, func, select
 
+from services.safety import replay_fork
 from services.safety.handlers import Decision, Known, SafetyMonitor, lock_patients
 from shared.events import ALERT_TYPES, PATIENT_ENROLLED
 from shared.patients import PATIENT_TYPES
@@ -44,32 +51,62 @@ class Batch:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | None = None) -> int:
-    """Rebuild every enrolled patient's read model, then evaluate the rules; how many patients."""
-    total, done = await _enrolled(monitor), 0
+async def replay(monitor: SafetyMonitor, progress: Callable[[int, int], None] | None = None, *,
+                 processes: int | None = None) -> int:
+    """Rebuild every enrolled patient's read model, then evaluate the rules; how many patients.
+    ``processes``: 2 to share the patients with a second process (PostgreSQL; by default when
+    the trial is large enough and a second core is there), else 1."""
+    total = await _enrolled(monitor)
+    told = _Told(progress, total)
+    with _collector_on_new_objects_only():
+        shares: list[Share] = await _shares(monitor) if _two_processes(monitor, total, processes) else [(None, None)]
+        if len(shares) == 1:
+            done = await replay_subjects(monitor, shares[0], told)
+        else:
+            claims = replay_fork.Claims(len(shares))
+            later = replay_fork.start(monitor, lambda forked: _claimed(forked, shares, claims.from_back, None))
+            try:
+                done = await _claimed(monitor, shares, claims.from_front, told)
+            except BaseException:  # an outage, an interruption: the second process stops too
+                later.stop()
+                raise
+            forked = await later.result()
+            if forked is None:  # it did not finish: its shares again, here (replaying is idempotent)
+                log.error("replay: the second process failed; replaying its patients here")
+                for share in claims.taken_from_back():
+                    done += await replay_subjects(monitor, shares[share], told)
+            else:
+                done += forked
+                told.add(forked)
+    await monitor.check(None)
+    return done
+
+
+async def replay_subjects(monitor: SafetyMonitor, subjects: tuple[str | None, str | None], told: _Told | None) -> int:
+    """Rebuild the read models of the enrolled patients of ``subjects`` (subject_scan.by_subject)."""
+    done = 0
     writing: asyncio.Task[int] | None = None
     batch = Batch()
-    with _collector_on_new_objects_only():
-        try:
-            async with contextlib.aclosing(subject_scan.by_subject(monitor.engine, PATIENT_TYPES | ALERT_TYPES)) as scan:
-                async for subject_id, rows in scan:
-                    if not any(row[TYPE] == PATIENT_ENROLLED for row in rows):
-                        continue
-                    _decide(monitor, batch, subject_id, rows)
-                    if len(batch.subjects) == BATCH:
-                        done += await _written(writing, progress, done, total)
-                        writing, batch = asyncio.create_task(_write(monitor, batch)), Batch()
-                    await asyncio.sleep(0)  # the batch being written goes on meanwhile
-            done += await _written(writing, progress, done, total)
-            writing = None
-            if batch.subjects:
-                done += await _written(asyncio.create_task(_write(monitor, batch)), progress, done, total)
-        finally:
-            if writing is not None and not writing.done():
-                writing.cancel()
-                with contextlib.suppress(BaseException):
-                    await writing
-    await monitor.check(None)
+    try:
+        async with contextlib.aclosing(subject_scan.by_subject(monitor.engine, PATIENT_TYPES | ALERT_TYPES,
+                                                               subjects=subjects)) as scan:
+            async for subject_id, rows in scan:
+                if not any(row[TYPE] == PATIENT_ENROLLED for row in rows):
+                    continue
+                _decide(monitor, batch, subject_id, rows)
+                if len(batch.subjects) == BATCH:
+                    done += await _written(writing, told)
+                    writing, batch = asyncio.create_task(_write(monitor, batch)), Batch()
+                await asyncio.sleep(0)  # the batch being written goes on meanwhile
+        done += await _written(writing, told)
+        writing = None
+        if batch.subjects:
+            done += await _written(asyncio.create_task(_write(monitor, batch)), told)
+    finally:
+        if writing is not None and not writing.done():
+            writing.cancel()
+            with contextlib.suppress(BaseException):
+                await writing
     return done
 
 
@@ -112,15 +149,62 @@ async def _write(monitor: SafetyMonitor, batch: Batch) -> int:
     return len(batch.subjects)
 
 
-async def _written(writing: asyncio.Task[int] | None, progress: Callable[[int, int], None] | None,
-                   done: int, total: int) -> int:
+@dataclass
+class _Told:
+    """The progress callback, told (done, total) after each transaction of this process."""
+
+    progress: Callable[[int, int], None] | None
+    total: int
+    done: int = 0
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.progress is not None:
+            self.progress(self.done, max(self.done, self.total))
+
+
+async def _written(writing: asyncio.Task[int] | None, told: _Told | None) -> int:
     """Wait for the batch being written (if any); tell the progress; how many it held."""
     if writing is None:
         return 0
     count = await writing
-    if progress is not None:
-        progress(done + count, max(done + count, total))
+    if told is not None:
+        told.add(count)
     return count
+
+
+MIN_FOR_TWO = 1000  # patients: below, a second process's start costs more than it saves
+
+
+def _two_processes(monitor: SafetyMonitor, total: int, processes: int | None) -> bool:
+    if monitor.engine.dialect.name != "postgresql" or not replay_fork.available():
+        return False  # SQLite has one writer at a time
+    if processes is not None:
+        return processes > 1 and total > 1
+    return total >= MIN_FOR_TWO and replay_fork.cores() > 1
+
+
+Share = tuple[str | None, str | None]  # subject ids from (included), to (excluded); None: no bound
+SHARES = 8  # ranges of patients the two processes take in turn, so neither waits long for the other
+
+
+async def _shares(monitor: SafetyMonitor) -> list[Share]:
+    """``SHARES`` ranges of subject ids, about as many enrolled patients in each, covering all."""
+    async with monitor.engine.connect() as conn:
+        subjects = list((await conn.scalars(select(events.c.subject_id).distinct()
+                                            .where(events.c.type == PATIENT_ENROLLED)
+                                            .order_by(events.c.subject_id))).all())
+    bounds: list[str | None] = [None, *sorted({subjects[len(subjects) * k // SHARES] for k in range(1, SHARES)}), None]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+async def _claimed(monitor: SafetyMonitor, shares: list[Share],
+                   claim: Callable[[], int | None], told: _Told | None) -> int:
+    """Replay the shares ``claim`` hands this process, until none is left."""
+    done = 0
+    while (share := claim()) is not None:
+        done += await replay_subjects(monitor, shares[share], told)
+    return done
 
 
 async def _enrolled(monitor: SafetyMonitor) -> int:

@@ -98,17 +98,20 @@ def _eligibility(chart: Chart) -> list[Deviation]:
 def _doses(chart: Chart) -> list[Deviation]:
     found = []
     tolerance = chart.protocol.dosing.tolerance_pct
+    plan = chart.plan
     for dose in chart.treatment.doses:
         course, day, given = int(dose.data["course"]), int(dose.data["day"]), float(dose.data["dose_ug"])
+        scheduled = plan.doses_for(course, day)
+        if scheduled and not all(abs(given - s) > s * tolerance / 100 * (1 + 1e-9) for s in scheduled):
+            continue  # on schedule, the usual case
         where = f"course {course} day {day}"
-        scheduled = chart.plan.doses_for(course, day)
         numbers = {"course": course, "day": day, "dose_ug": given,
                    "scheduled_ug": scheduled[0] if len(scheduled) == 1 else scheduled or None}
         if not scheduled:
             found.append(Deviation("dose_unscheduled_day", f"{where}: {given:g} µg given, no dose is "
                                    f"scheduled on that day for the {chart.plan.label} cohort", dose,
                                    facts=numbers))
-        elif all(abs(given - s) > s * tolerance / 100 * (1 + 1e-9) for s in scheduled):
+        else:
             expected = " or ".join(f"{s:g} µg" for s in scheduled)
             found.append(Deviation("dose_off_schedule", f"{where}: {given:g} µg given, {expected} "
                                    f"scheduled for the {chart.plan.label} cohort (tolerance "

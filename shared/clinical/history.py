@@ -78,7 +78,9 @@ class Enrolled:
 
 def effective_history(events: Sequence[StoredEvent], tz: ZoneInfo) -> tuple[Enrolled, tuple[Fact, ...]]:
     """The enrolment and the effective clinical events, ordered by clinical time."""
-    unique = {e.event_id: e for e in sorted(events, key=_recorded_order)}
+    # Keyed by the ids' numbers: they compare as the ids do and hash in C (a ``UUID`` hashes in
+    # Python, and each event is looked up a few times).
+    unique = {e.event_id.int: e for e in sorted(events, key=_recorded_order)}
     enrolment = _enrolment(unique.values(), tz)
     clinical = {i: e for i, e in unique.items() if e.type in CLINICAL_TYPES}
     live = _live_ids(clinical)
@@ -120,17 +122,17 @@ def _enrolment(events: Iterable[StoredEvent], tz: ZoneInfo) -> Enrolled:
     )
 
 
-def _live_ids(events: Mapping[uuid.UUID, StoredEvent]) -> set[uuid.UUID]:
-    """Ids not retracted by a retraction that itself still counts."""
-    retracted_by: dict[uuid.UUID, list[uuid.UUID]] = {}
+def _live_ids(events: Mapping[int, StoredEvent]) -> set[int]:
+    """Ids (by number) not retracted by a retraction that itself still counts."""
+    retracted_by: dict[int, list[int]] = {}
     for e in events.values():
         if e.type == "retraction":
-            retracted_by.setdefault(_uuid(e.data.get("retracts_event_id")), []).append(e.event_id)
+            retracted_by.setdefault(_uuid(e.data.get("retracts_event_id")).int, []).append(e.event_id.int)
     if not retracted_by:
         return set(events)
-    memo: dict[uuid.UUID, bool] = {}
+    memo: dict[int, bool] = {}
 
-    def live(event_id: uuid.UUID, seen: frozenset[uuid.UUID]) -> bool:
+    def live(event_id: int, seen: frozenset[int]) -> bool:
         if event_id not in memo:
             by = [r for r in retracted_by.get(event_id, ()) if r not in seen]
             memo[event_id] = not any(live(r, seen | {event_id}) for r in by)
@@ -139,12 +141,10 @@ def _live_ids(events: Mapping[uuid.UUID, StoredEvent]) -> set[uuid.UUID]:
     return {i for i in events if live(i, frozenset())}
 
 
-def _corrections_by_root(
-    events: Mapping[uuid.UUID, StoredEvent], live: set[uuid.UUID]
-) -> dict[uuid.UUID, list[StoredEvent]]:
-    by_root: dict[uuid.UUID, list[StoredEvent]] = {}
+def _corrections_by_root(events: Mapping[int, StoredEvent], live: set[int]) -> dict[int, list[StoredEvent]]:
+    by_root: dict[int, list[StoredEvent]] = {}
     for e in events.values():
-        if e.type == "correction" and e.event_id in live:
+        if e.type == "correction" and e.event_id.int in live:
             root = _root(e, events)
             if root is not None:
                 by_root.setdefault(root, []).append(e)
@@ -153,15 +153,15 @@ def _corrections_by_root(
     return by_root
 
 
-def _root(correction: StoredEvent, events: Mapping[uuid.UUID, StoredEvent]) -> uuid.UUID | None:
-    seen: set[uuid.UUID] = set()
+def _root(correction: StoredEvent, events: Mapping[int, StoredEvent]) -> int | None:
+    seen: set[int] = set()
     event: StoredEvent | None = correction
-    while event is not None and event.type == "correction" and event.event_id not in seen:
-        seen.add(event.event_id)
-        event = events.get(_uuid(event.data.get("corrects_event_id")))
+    while event is not None and event.type == "correction" and event.event_id.int not in seen:
+        seen.add(event.event_id.int)
+        event = events.get(_uuid(event.data.get("corrects_event_id")).int)
     if event is None or event.type not in OBSERVATION_TYPES:
         return None
-    return event.event_id
+    return event.event_id.int
 
 
 def _effective(original: StoredEvent, corrections: list[StoredEvent] | None, tz: ZoneInfo) -> Fact:

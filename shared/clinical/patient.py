@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
 from typing import Any
 
 from shared.clinical import alerts, endpoints
@@ -28,6 +27,7 @@ from shared.clinical.records import PatientOutcome
 from shared.clinical.treatment import treatment_from
 from shared.clinical.windows import build_windows
 from shared.events import AlertRaised, StoredEvent
+from shared.lazy import lazy
 from shared.protocol import Protocol
 
 __all__ = ["NotEnrolledError", "PatientState", "fold_patient"]
@@ -71,7 +71,7 @@ class PatientState:
         """Every alert this history justifies at ``now`` (alerts.py)."""
         return list(self._desired)
 
-    @cached_property
+    @lazy
     def _desired(self) -> tuple[AlertRaised, ...]:
         # Computed once per fold: the monitor asks for the alerts, the held ones and the next due
         # moment (which asks for the held ones) of the same state.
@@ -80,6 +80,10 @@ class PatientState:
     def held_alert_ids(self) -> frozenset[uuid.UUID]:
         """Desired alerts not to raise yet: alerts on something missing while data entry has not
         settled (alerts.py). An open one stays open; the rest wait for ``next_due_at``."""
+        return self._held
+
+    @lazy
+    def _held(self) -> frozenset[uuid.UUID]:  # the monitor asks for them, and ``next_due_at`` does
         if self.chart.settled:
             return frozenset()
         return frozenset(a.alert_id for a in self._desired if alerts.by_absence(a))

@@ -42,12 +42,13 @@ class Course:
         return max(self.day_numbers)
 
     def public(self, finished: bool) -> dict[str, object]:
+        days = self.day_numbers
         return {
             "course": self.number,
             "day1": self.first_dose.day.isoformat(),
-            "first_day": min(self.day_numbers),
-            "last_day": self.length,
-            "days_dosed": len(set(self.day_numbers)),
+            "first_day": min(days),
+            "last_day": max(days),  # ``length``
+            "days_dosed": len(set(days)),
             "doses": len(self.doses),
             "finished": finished,
         }

@@ -24,12 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from shared.clinical.history import Enrolled, Fact
 from shared.clinical.treatment import Treatment
+from shared.lazy import lazy
 from shared.protocol import Protocol
 
 
@@ -41,27 +41,27 @@ class Window:
     grace_days: int
     tz: ZoneInfo
 
-    @cached_property
+    @lazy
     def anchor(self) -> date | None:
         return self.anchor_fact.day if self.anchor_fact else None
 
-    @cached_property
+    @lazy
     def start(self) -> date | None:
         return self.anchor
 
-    @cached_property
+    @lazy
     def end(self) -> date | None:
         return self.anchor + timedelta(days=self.length_days - 1) if self.anchor else None
 
-    @cached_property
+    @lazy
     def due(self) -> date | None:
         return self.end + timedelta(days=self.grace_days) if self.end else None
 
-    @cached_property
+    @lazy
     def closes_at(self) -> datetime | None:
         return self._midnight_after(self.end)
 
-    @cached_property
+    @lazy
     def overdue_from(self) -> datetime | None:
         return self._midnight_after(self.due)
 

@@ -36,12 +36,14 @@ PAGE = 5000
 Rows = list[Sequence[Any]]
 
 
-async def by_subject(engine: AsyncEngine, types: Iterable[str], *, page: int = PAGE
+async def by_subject(engine: AsyncEngine, types: Iterable[str], *, page: int = PAGE,
+                     subjects: tuple[str | None, str | None] = (None, None),
                      ) -> AsyncGenerator[tuple[str, Rows], None]:
-    """``(subject_id, rows)`` for every subject with events of ``types``, rows in position order."""
+    """``(subject_id, rows)`` for every subject with events of ``types``, rows in position order;
+    ``subjects``: only those from the first id (included) to the second (excluded), None: no bound."""
     subject: str | None = None
     rows: Rows = []
-    async for batch in _pages(engine, sorted(types), page):
+    async for batch in _pages(engine, _query(sorted(types), subjects), page):
         for row in batch:
             if row[6] != subject:
                 if subject is not None:
@@ -52,20 +54,24 @@ async def by_subject(engine: AsyncEngine, types: Iterable[str], *, page: int = P
         yield subject, rows
 
 
-def _query(types: list[str]) -> Any:
-    return (select(*(events.c[c] for c in COLUMNS))
-            .where(events.c.type.in_(types), events.c.subject_id.is_not(None))
-            .order_by(events.c.subject_id, events.c.position))
+def _query(types: list[str], subjects: tuple[str | None, str | None]) -> Any:
+    query = select(*(events.c[c] for c in COLUMNS)).where(events.c.type.in_(types), events.c.subject_id.is_not(None))
+    low, high = subjects
+    if low is not None:
+        query = query.where(events.c.subject_id >= low)
+    if high is not None:
+        query = query.where(events.c.subject_id < high)
+    return query.order_by(events.c.subject_id, events.c.position)
 
 
-async def _pages(engine: AsyncEngine, types: list[str], page: int) -> AsyncIterator[Rows]:
+async def _pages(engine: AsyncEngine, query: Any, page: int) -> AsyncIterator[Rows]:
     if engine.dialect.name != "postgresql":
         async with engine.connect() as conn:
-            rows: Rows = list((await conn.execute(_query(types))).all())
+            rows: Rows = list((await conn.execute(query)).all())
         for begin in range(0, len(rows), page):
             yield rows[begin:begin + page]
         return
-    sql = str(_query(types).compile(engine.sync_engine, compile_kwargs={"literal_binds": True}))
+    sql = str(query.compile(engine.sync_engine, compile_kwargs={"literal_binds": True}))
     async with engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None

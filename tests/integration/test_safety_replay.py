@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.safety.handlers import SafetyMonitor
 from shared.events import ALERT_TYPES, NewEvent, patient_stream
 from shared.protocol import Protocol
 from shared.store import eventstore
@@ -34,7 +37,14 @@ async def read_models(engine: AsyncEngine) -> dict[str, Any]:
         }
 
 
-async def test_replay_rebuilds_every_read_model_from_the_log_and_appends_nothing(trial_ward: Ward) -> None:
+# 1: every patient replayed in this process; 2: the later half in a second one (PostgreSQL only:
+# on SQLite the replay stays in one process, and the test holds all the same).
+PROCESSES = pytest.mark.parametrize("processes", [1, 2])
+
+
+@PROCESSES
+async def test_replay_rebuilds_every_read_model_from_the_log_and_appends_nothing(trial_ward: Ward,
+                                                                                  processes: int) -> None:
     ward = trial_ward
     subjects = [await ward.enrol() for _ in range(3)]
     ward.clock.set(day(6, 9))
@@ -51,14 +61,21 @@ async def test_replay_rebuilds_every_read_model_from_the_log_and_appends_nothing
         for table in (rule_inputs, patient_projection, due_checks):
             await conn.execute(delete(table))
     told: list[tuple[int, int]] = []
-    assert await ward.monitor.replay(progress=lambda done, total: told.append((done, total))) == 3
+    assert await ward.monitor.replay(progress=lambda done, total: told.append((done, total)), processes=processes) == 3
     assert await read_models(ward.engine) == before
-    assert told == [(3, 3)]
+    # After each transaction of this process, then the second process's patients all at once.
+    assert told[-1] == (3, 3) and all(total == 3 for _, total in told)
+    assert [done for done, _ in told] == sorted({done for done, _ in told})  # each patient counted once
+    if processes == 1 or ward.engine.dialect.name != "postgresql":
+        assert told == [(3, 3)]
 
 
-async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_goes_on(trial_ward: Ward) -> None:
+@PROCESSES
+@pytest.mark.parametrize("broken_first", [True, False])
+async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_goes_on(
+        trial_ward: Ward, processes: int, broken_first: bool) -> None:
     ward = trial_ward
-    broken, healthy = await ward.enrol(), await ward.enrol()
+    broken, healthy = sorted([await ward.enrol(), await ward.enrol()], reverse=not broken_first)
     ward.clock.set(day(6, 9))
     for subject in (broken, healthy):
         await ward.treat(subject)
@@ -73,9 +90,38 @@ async def test_a_row_that_does_not_decode_sets_its_patient_aside_and_the_replay_
         for table in (rule_inputs, patient_projection, due_checks):
             await conn.execute(delete(table))
 
-    assert await ward.monitor.replay() == 2
+    assert await ward.monitor.replay(processes=processes) == 2
     async with ward.engine.connect() as conn:
         failed = {r.subject_id: r.error for r in await conn.execute(select(patient_failures))}
         projected = set((await conn.execute(select(patient_projection.c.subject_id))).scalars())
     assert list(failed) == [broken] and "data" in failed[broken]
     assert projected == {healthy}
+
+
+async def test_when_the_second_process_fails_the_first_replays_its_half(trial_ward: Ward) -> None:
+    ward = trial_ward
+    subjects = [await ward.enrol() for _ in range(4)]
+    ward.clock.set(day(6, 9))
+    for subject in subjects:
+        await ward.treat(subject)
+    ward.clock.set(day(20, 9))
+    for subject in subjects:
+        await ward.monitor.check(subject)
+    before = await read_models(ward.engine)
+    async with ward.engine.begin() as conn:
+        for table in (rule_inputs, patient_projection, due_checks):
+            await conn.execute(delete(table))
+
+    # A clock that fails in any process but this one: the second process cannot write a thing.
+    parent = os.getpid()
+
+    def clock() -> datetime:
+        if os.getpid() != parent:
+            raise RuntimeError("no clock in the second process")
+        return ward.clock()
+
+    monitor = SafetyMonitor(ward.engine, ward.monitor.protocol, clock)
+    assert await monitor.replay(processes=2) == 4
+    assert await read_models(ward.engine) == before
+    async with ward.engine.connect() as conn:
+        assert not (await conn.execute(select(patient_failures))).first()
