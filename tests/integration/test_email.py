@@ -378,7 +378,9 @@ async def test_the_lanes_claims_go_in_one_transaction_and_every_mail_is_recorded
     finally:
         sa_event.remove(engine.sync_engine, "before_cursor_execute", executing)
         sa_event.remove(engine.sync_engine, "begin", began)
-    assert max(updates_by_transaction) == 4  # the first four claims, together
+    # The first four claims go together; a settle or a later claim that comes at the same moment
+    # may join them (on a busy machine the lanes' timing varies), but no lane claims alone first.
+    assert max(updates_by_transaction) >= 4
     assert sum(updates_by_transaction) == 14  # each mail claimed once and settled once
     async with engine.connect() as conn:
         statuses = (await conn.execute(select(deliveries.c.status))).scalars().all()
