@@ -513,6 +513,36 @@ async def test_a_long_subject_reaches_the_server_on_one_line_and_every_recipient
         "copy@example.org", "dsmb@example.org", "pi@example.org"]
 
 
+async def test_the_capture_keeps_a_message_only_if_it_answered_250_even_when_stopped_mid_send(
+    data_dir: Path,
+) -> None:
+    """Stopped the moment a message lands in its folder, the capture has already acknowledged it.
+
+    It used to write the file in a thread and answer after; a stop in between kept the message
+    unacknowledged, the sender sent it again, and the fault matrix's ``smtp`` row counted duplicates.
+    """
+    message = EmailMessage(policy=MAIL_POLICY)
+    message["From"], message["To"], message["Subject"] = "trialwatch@localhost", "pi@example.org", "x"
+    message.set_content("x" * 20_000)
+    outcomes = Counter[str]()
+    for attempt in range(20):
+        capture = MailCapture(data_dir / str(attempt))
+        await capture.start()
+        sending = asyncio.create_task(SmtpMailer.from_url(capture.url, timeout=5).send(message))
+        while not any(capture.folder.glob("*.eml")) and not sending.done():
+            await asyncio.sleep(0)  # stop at the first moment the message is seen stored
+        await capture.stop()
+        try:
+            await sending
+            acknowledged = True
+        except MailerUnavailable:
+            acknowledged = False
+        stored = len(list(capture.folder.glob("*.eml")))
+        assert stored == (1 if acknowledged else 0), f"attempt {attempt}: stored {stored}, acknowledged {acknowledged}"
+        outcomes["acknowledged" if acknowledged else "refused"] += 1
+    assert outcomes["acknowledged"] > 0, outcomes  # the race was run, not dodged
+
+
 async def test_a_4xx_or_5xx_answer_is_mailer_unavailable(data_dir: Path) -> None:
     class Refusing:
         async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:  # noqa: N802
