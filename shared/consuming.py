@@ -209,16 +209,20 @@ class BatchSubscription:
 
     def __init__(self, engine: AsyncEngine, consumer: str, work: BatchWork, *, max_deliver: int,
                  is_outage: Callable[[BaseException], bool],
-                 after_commit: Callable[[list[StoredEvent]], Awaitable[None]] | None = None) -> None:
+                 after_commit: Callable[[list[StoredEvent]], Awaitable[None]] | None = None,
+                 prepare: Callable[[list[StoredEvent]], Awaitable[BatchWork]] | None = None) -> None:
         self.engine, self.consumer, self.work, self.is_outage = engine, consumer, work, is_outage
-        self.after_commit = after_commit
+        self.after_commit, self.prepare = after_commit, prepare
         self.single = Subscription(engine, consumer, self._one, max_deliver=max_deliver)
 
     async def _one(self, event: StoredEvent) -> None:
         await self.run([event])
 
     async def run(self, batch: list[StoredEvent]) -> None:
-        fresh = await process_batch(self.engine, self.consumer, batch, self.work)
+        """The batch in one transaction; ``prepare``, when given, first does what needs no
+        transaction and answers the work to run in it (the safety service decides ahead)."""
+        work = self.work if self.prepare is None else await self.prepare(batch)
+        fresh = await process_batch(self.engine, self.consumer, batch, work)
         if self.after_commit is not None and fresh:
             await self.after_commit(fresh)
 

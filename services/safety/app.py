@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -12,10 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.safety.consumer import DURABLE, build_puller
 from services.safety.follower import RULES_LEASE, Lease, TrialFollower, bump_rule_inputs
-from services.safety.handlers import SafetyMonitor
+from services.safety.handlers import Ahead, SafetyMonitor
 from shared.background import Background
 from shared.bus import BusNames, OutboxRelay, ensure_stream, nats_broker
-from shared.consuming import BatchSubscription
+from shared.consuming import BatchSubscription, BatchWork
 from shared.events import StoredEvent
 from shared.protocol import Protocol, load_protocol
 from shared.settings import Settings
@@ -56,15 +57,22 @@ class SafetyService:
         self.follower = TrialFollower(self.engine, self.monitor, Lease(self.engine, RULES_LEASE),
                                       after=self.relay.poke)
         self.subscription = BatchSubscription(self.engine, DURABLE, self.work, max_deliver=settings.max_deliver,
-                                              is_outage=is_outage, after_commit=self.after_commit)
+                                              is_outage=is_outage, after_commit=self.after_commit,
+                                              prepare=self.prepare)
         self.puller = build_puller(nats_url, self.names, self.subscription, ack_wait=settings.ack_wait_s)
         self.background = Background()
 
-    async def work(self, conn: AsyncConnection, batch: list[StoredEvent]) -> None:
+    async def work(self, conn: AsyncConnection, batch: list[StoredEvent], ahead: Ahead | None = None) -> None:
         """A batch's patients, each once; the rules' follower is told if their inputs moved."""
-        cause = await self.monitor.on_batch(conn, batch)
+        cause = await self.monitor.on_batch(conn, batch, ahead=ahead)
         if cause is not None:
             await bump_rule_inputs(conn, cause)
+
+    async def prepare(self, batch: list[StoredEvent]) -> BatchWork:
+        """The batch's work, with its patients decided before the transaction where that helps
+        (SQLite: ``SafetyMonitor.decide_ahead``)."""
+        ahead = await self.monitor.decide_ahead(batch)
+        return functools.partial(self.work, ahead=ahead)
 
     async def handle(self, event: StoredEvent) -> None:
         """One event as a batch of one (what a single-message subscriber calls)."""
