@@ -85,6 +85,27 @@ class _Writes:
                     done.set_result(result)
 
 
+STOP_GRACE_S = 10.0  # how long a stopping sender waits for the mails in its lanes' hands
+
+
+def _log_failed_records(recording: set[asyncio.Task[None]]) -> None:
+    """Report, and forget, the "sent" records that failed (the mail may then go out again once its
+    lease runs out, with the same Message-ID)."""
+    for task in [t for t in recording if t.done()]:
+        recording.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a mail the SMTP server took could not be recorded as sent: %s", exc, exc_info=exc)
+
+
+def _forget_if_fine(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback: a finished task leaves ``tasks`` unless it failed (its failure is awaited,
+    and so raised or logged, by whoever gathers ``tasks``)."""
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            tasks.discard(task)
+    return done
+
+
 class _Deferred(Exception):
     def __init__(self, until: datetime) -> None:
         self.until = until
@@ -120,24 +141,58 @@ class DeliverySender:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        """Send due mail every ``interval`` seconds, or at once when poked, until ``stop`` is set."""
+        """Send due mail until ``stop`` is set: the due rows are looked up every ``interval``
+        seconds, or at once when poked, and what a look finds joins a queue that ``concurrency``
+        lanes take from, the most urgent first. A mail queued while others are on their way goes
+        out as soon as a lane is free, not after them all (the rounds of ``send_due`` each waited
+        for their slowest mail, and on SQLite a round is two waits for the write lock). On stop
+        each lane finishes the mail it holds; what is still queued stays due in the store."""
+        waiting: asyncio.PriorityQueue[tuple[int, int, Any]] = asyncio.PriorityQueue()
+        queued: set[int] = set()
+        recording: set[asyncio.Task[None]] = set()
+        lanes = [asyncio.create_task(self._lane(waiting, queued, recording), name=f"mail-lane-{n}")
+                 for n in range(self._concurrency)]
         watcher = asyncio.create_task(self._wake_on(stop))
         try:
             while not stop.is_set():
-                busy = False
                 try:
-                    due, _ = await self._send_batch(None)
-                    busy = due >= self._batch
-                except Exception:  # the store is down: say so and try again next round
-                    log.exception("sending due alert mail failed; retrying in %.1f s", interval)
-                if busy or stop.is_set():
-                    continue
+                    for row in await self._due(now_utc()):
+                        if row.id not in queued:
+                            queued.add(row.id)
+                            waiting.put_nowait((row.rank, row.id, row))
+                except Exception:  # the store is down: say so and look again
+                    log.exception("looking up due alert mail failed; retrying in %.1f s", interval)
+                _log_failed_records(recording)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(interval):
                         await self._wake.wait()
                 self._wake.clear()
-        finally:
+        finally:  # stopped or cancelled: the mails in the lanes' hands are finished and recorded
             watcher.cancel()
+            while not waiting.empty():  # not claimed: due in the store for whoever runs next
+                waiting.get_nowait()
+            for n in range(len(lanes)):
+                waiting.put_nowait((2, n, None))  # after any row: each lane stops at one
+            _, late = await asyncio.wait([*lanes, *recording], timeout=STOP_GRACE_S)
+            for task in late:
+                task.cancel()
+            _log_failed_records(recording)
+
+    async def _lane(self, waiting: asyncio.PriorityQueue[tuple[int, int, Any]], queued: set[int],
+                    recording: set[asyncio.Task[None]]) -> None:
+        while True:
+            _, _, row = await waiting.get()
+            if row is None:
+                return
+            if waiting.empty():  # the last one queued: look for more (a backlog comes 50 at a time)
+                self._wake.set()
+            try:
+                await self._take(row, now_utc, recording)
+            except Exception:  # the store refused the claim: the row is still due, taken again later
+                log.exception("sending alert mail (delivery %s) failed; it stays due", row.id)
+                await asyncio.sleep(1.0)  # not at once: the store is likely out
+            finally:
+                queued.discard(row.id)
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -156,17 +211,11 @@ class DeliverySender:
             return fixed or now_utc()
 
         due, lanes = await self._due(clock()), asyncio.Semaphore(self._concurrency)
-        recording: list[asyncio.Task[None]] = []
+        recording: set[asyncio.Task[None]] = set()
 
         async def one(row: Any) -> bool:
             async with lanes:
-                claim = await self._claim(row, clock())
-                if claim is None:
-                    return False
-                outcome = await self._deliver(claim, clock)
-                if outcome is not None:  # the server has it: "sent" is recorded while the lane goes on
-                    recording.append(asyncio.create_task(self._record_sent(claim, clock)))
-                return outcome == "mailed"
+                return await self._take(row, clock, recording)
 
         # Taken in the order found (urgent first), ``concurrency`` at a time (eight by default: a
         # lane's mail waits for the write lock, then for the store and the server; four lanes fell
@@ -182,12 +231,25 @@ class DeliverySender:
                 raise outcome
         return len(due), sum(1 for outcome in outcomes if outcome is True)
 
+    async def _take(self, row: Any, clock: Callable[[], datetime], recording: set[asyncio.Task[None]]) -> bool:
+        """Claim one due row and mail it; True if it was mailed now. Once the server has it,
+        "sent" is recorded in a task of ``recording`` while the lane goes on to its next mail."""
+        claim = await self._claim(row, clock())
+        if claim is None:
+            return False
+        outcome = await self._deliver(claim, clock)
+        if outcome is not None:
+            task = asyncio.create_task(self._record_sent(claim, clock))
+            recording.add(task)
+            task.add_done_callback(_forget_if_fine(recording))
+        return outcome == "mailed"
+
     async def _due(self, now: datetime) -> list[Any]:
         """The due rows, urgent ones first: a backlog of high alerts (a late-entered course's
         deviations, say) must not hold back a grade 4 CRS behind it."""
         urgent_first = case((events.c.data["severity"].as_string() == "urgent", 0), else_=1)
         query = (
-            select(deliveries.c.id, deliveries.c.status, deliveries.c.claimed_until)
+            select(deliveries.c.id, deliveries.c.status, deliveries.c.claimed_until, urgent_first.label("rank"))
             .join(events, events.c.event_id == deliveries.c.alert_event_id, isouter=True)
             .where(
                 or_(

@@ -1,6 +1,7 @@
 """Alert mail end to end against a real SMTP server (aiosmtpd on loopback) and the test database."""
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import re
@@ -627,3 +628,63 @@ async def test_run_sends_when_poked_and_stops_when_told(engine: AsyncEngine) -> 
     async with asyncio.timeout(5):
         await running
     assert len(mailer.to(pi)) == 1
+
+
+class HeldMailer(RecordingMailer):
+    """A mail server that keeps the conversation of every mail whose subject names ``held`` open
+    until ``release`` is set; ``holding`` is set once it holds one."""
+
+    def __init__(self, held: str) -> None:
+        super().__init__()
+        self.held, self.release, self.holding = held, asyncio.Event(), asyncio.Event()
+
+    async def send(self, message: EmailMessage) -> None:
+        if self.held in str(message["Subject"]):
+            self.holding.set()
+            await self.release.wait()
+        await super().send(message)
+
+
+async def test_run_sends_a_mail_queued_meanwhile_without_waiting_for_the_ones_on_their_way(
+        own_engine: AsyncEngine) -> None:
+    """An urgent alert queued while a slow mail is on its way goes out on a free lane at once (the
+    rounds of old waited for their slowest mail before looking again)."""
+    engine, pi, stop = own_engine, address("pi"), asyncio.Event()
+    mailer = HeldMailer("Deviation")
+    loop_sender = sender(engine, mailer)
+    running = asyncio.create_task(loop_sender.run(stop, interval=30))
+    try:
+        await queue(engine, await raise_alert(engine, severity="high", title="Deviation"), [pi])
+        loop_sender.poke()
+        await asyncio.wait_for(mailer.holding.wait(), 10)
+        await queue(engine, await raise_alert(engine, title="Grade 4 CRS"), [pi])
+        loop_sender.poke()
+        async with asyncio.timeout(10):
+            while not mailer.to(pi):
+                await asyncio.sleep(0.02)
+        assert "Grade 4 CRS" in str(mailer.to(pi)[0]["Subject"])
+    finally:
+        mailer.release.set()
+        stop.set()
+        await asyncio.wait_for(running, 15)
+    assert len(mailer.to(pi)) == 2
+
+
+async def test_a_sender_stopped_mid_mail_finishes_it_and_records_it_sent(own_engine: AsyncEngine) -> None:
+    """Cancelled (as a service's shutdown does) while the server has a mail, the lane finishes the
+    conversation and records "sent": cut off there, the row would be mailed again after its lease."""
+    engine, pi, stop = own_engine, address("pi"), asyncio.Event()
+    mailer = HeldMailer("Grade 4 CRS")
+    loop_sender = sender(engine, mailer)
+    running = asyncio.create_task(loop_sender.run(stop, interval=30))
+    event = await raise_alert(engine, title="Grade 4 CRS")
+    await queue(engine, event, [pi])
+    loop_sender.poke()
+    await asyncio.wait_for(mailer.holding.wait(), 10)
+    running.cancel()
+    await asyncio.sleep(0.2)
+    mailer.release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(running, 15)
+    assert len(mailer.to(pi)) == 1
+    assert [r.status for r in await rows_of(engine, event)] == ["sent"]
