@@ -96,6 +96,16 @@ async def rule_inputs_seen(conn: AsyncConnection) -> tuple[int, StoredEvent | No
 DUE_BATCH = 200
 
 
+def look_interval(engine: AsyncEngine) -> float:
+    """How often, at most, the follower looks (the rules and the due checks): every quarter second,
+    but on SQLite once a second. There each look holds the store's one write lock while the API's
+    commits, the patients' batches and the notifier's claims wait: with 1,000 patients at 250
+    events/s a look held it 14 ms at the median and 100 ms at p99, four times a second. A new
+    crossing waits for the records to settle (5 s) anyway, and a due check is a moment of the
+    clinical calendar, not of the second hand."""
+    return 1.0 if engine.dialect.name == "sqlite" else 0.25
+
+
 class TrialFollower:
     def __init__(self, engine: AsyncEngine, monitor: SafetyMonitor, lease: Lease, *,
                  after: Callable[[], None] = lambda: None, interval: float = 0.25) -> None:
