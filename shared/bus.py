@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -142,6 +143,11 @@ class OutboxRelay:
         self.ack_timeout_s = ack_timeout_s
         self.reads = reader(engine)  # SQLite: the rows are read apart from their delete
         self._wake = asyncio.Event()
+        # SQLite, in ``run``: rows published whose delete has not committed yet, and the deletes
+        # (and failed attempts) still to write (``_settle_behind``).
+        self._settling: set[int] = set()
+        self._behind: tuple[list[int], list[tuple[int, BaseException]]] = ([], [])
+        self._settler: asyncio.Task[None] | None = None
         self._js: JetStreamContext | None = None
         self._js_of: object = None  # the connection ``_js`` belongs to
 
@@ -167,14 +173,18 @@ class OutboxRelay:
             headers={"content-type": "application/json", "Nats-Msg-Id": event_id,
                      "correlation_id": str(event.correlation_id) if event.correlation_id else event_id})
 
-    async def publish_pending(self) -> int:
-        """Publish what is waiting; returns how many rows were published and deleted.
+    async def publish_pending(self, *, settle_behind: bool = False) -> int:
+        """Publish what is waiting; returns how many rows were published (and deleted, or, with
+        ``settle_behind``, on their way to being deleted).
 
         On PostgreSQL the rows are taken ``FOR UPDATE SKIP LOCKED`` in the transaction that
         deletes them: the ingest's and the safety service's relays (and every replica's) publish
         disjoint rows instead of racing each other to the same ones (the server would drop the
         copy, but each was read, encoded and sent twice). SQLite has one writer and no row locks:
-        there the rows are read, published, then deleted in a second transaction, as before.
+        there the rows are read, published, then deleted in a second transaction. That delete
+        waits for the one write lock, behind the API's commits and the consumers' batches, so
+        ``run`` leaves it to a task of its own (``settle_behind``) and goes on publishing what came
+        meanwhile, skipping the rows whose delete is still on its way.
         """
         if self.engine.dialect.name == "postgresql":
             async with self.engine.begin() as conn:
@@ -183,20 +193,51 @@ class OutboxRelay:
                 await self._settle(conn, acked, failed)
         else:
             async with self.reads.connect() as conn:
-                pending = await self._pending(conn, lock=False)
+                pending = [e for e in await self._pending(conn, lock=False, skip=len(self._settling))
+                           if e.position not in self._settling][:self.batch]
             acked, failed = await self._publish_all(pending)
-            async with self.engine.begin() as conn:
-                await self._settle(conn, acked, failed)
+            if settle_behind:
+                self._settle_behind(acked, failed)
+            else:
+                async with self.engine.begin() as conn:
+                    await self._settle(conn, acked, failed)
         if failed:
             error = failed[0][1]
             raise error if isinstance(error, Exception) else RuntimeError(repr(error))
         return len(acked)
 
-    async def _pending(self, conn: AsyncConnection, *, lock: bool) -> list[StoredEvent]:
+    async def _pending(self, conn: AsyncConnection, *, lock: bool, skip: int = 0) -> list[StoredEvent]:
+        """The oldest waiting rows: ``batch`` of them, and ``skip`` more (those still settling)."""
         query = select(events).join(outbox, outbox.c.position == events.c.position).order_by(events.c.position)
         if lock:
             query = query.with_for_update(of=outbox, skip_locked=True)
-        return [to_stored(row) for row in await conn.execute(query.limit(self.batch))]
+        return [to_stored(row) for row in await conn.execute(query.limit(self.batch + skip))]
+
+    def _settle_behind(self, acked: list[int], failed: list[tuple[int, BaseException]]) -> None:
+        """Delete the published rows (count the failed attempts) in a task of their own; the ones
+        that come while a delete waits for the lock go together in the next transaction."""
+        self._settling.update(acked)
+        self._behind[0].extend(acked)
+        self._behind[1].extend(failed)
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle_all_behind(), name="outbox-settle")
+
+    async def _settle_all_behind(self) -> None:
+        while self._behind[0] or self._behind[1]:
+            (acked, failed), self._behind = self._behind, ([], [])
+            try:
+                async with self.engine.begin() as conn:
+                    await self._settle(conn, acked, failed)
+            except Exception:  # the rows stay: published again, the server drops the copies by id
+                log.warning("outbox relay: %d published rows not deleted; they will be published again",
+                            len(acked), exc_info=True)
+            finally:
+                self._settling.difference_update(acked)
+
+    async def settled(self) -> None:
+        """Wait until every delete left behind by ``run`` has been written or given up."""
+        if self._settler is not None:
+            await asyncio.wait([self._settler])
 
     async def _publish_all(self, pending: list[StoredEvent]) -> tuple[list[int], list[tuple[int, BaseException]]]:
         acked: list[int] = []
@@ -241,10 +282,18 @@ class OutboxRelay:
                                .values(attempts=outbox.c.attempts + 1))
 
     async def run(self, stop: asyncio.Event, *, interval: float = 0.2) -> None:
-        backoff = interval
+        try:
+            await self._run(stop, interval)
+        finally:  # a stopping relay does not wait out a long lock: rows it leaves are published
+            with contextlib.suppress(TimeoutError):  # again by whoever runs next, the copies dropped
+                async with asyncio.timeout(5.0):
+                    await self.settled()
+
+    async def _run(self, stop: asyncio.Event, interval: float) -> None:
+        backoff, behind = interval, self.engine.dialect.name == "sqlite"
         while not stop.is_set():
             try:
-                published = await self.publish_pending()
+                published = await self.publish_pending(settle_behind=behind)
                 backoff = interval
             except Exception as exc:  # the broker is down or slow: wait and try again, keep the rows
                 log.warning("outbox relay: publish failed (%s); retrying in %.1f s", exc, backoff)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -199,3 +200,27 @@ async def test_two_relays_at_once_publish_each_row_once_between_them(engine: Asy
         assert sorted(seen) == sorted(str(e.event_id) for e in stored)  # each once, by one relay or the other
         assert await waiting(engine, *stored) == {}
         assert sorted(await published(bus_url, first)) == sorted(str(e.event_id) for e in stored)
+
+
+async def test_on_sqlite_the_relay_publishes_on_while_its_last_delete_waits_for_the_write_lock(
+    engine: AsyncEngine, bus_url: str  # noqa: F811
+) -> None:
+    """SQLite's delete of the published rows waits for the one write lock; ``run`` leaves it behind
+    (``settle_behind``) and publishes what came meanwhile, never the rows still being deleted."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL deletes the rows in the transaction that read them FOR UPDATE")
+    async with relay_to(engine, bus_url) as relay:
+        relay.batch = 1
+        first, second = await append_probe(engine), await append_probe(engine)
+        holder = sqlite3.connect(str(engine.url.database), isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock throughout
+            rounds = [await asyncio.wait_for(relay.publish_pending(settle_behind=True), 5) for _ in range(3)]
+            assert rounds == [1, 1, 0]
+            assert await published(bus_url, relay) == [str(first.event_id), str(second.event_id)]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await asyncio.wait_for(relay.settled(), 30)
+        assert await waiting(engine, first, second) == {}
+        assert await relay.publish_pending() == 0  # deleted, not published again
