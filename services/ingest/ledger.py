@@ -39,8 +39,9 @@ class Ledger:
 
     @classmethod
     async def begin(cls, conn: AsyncConnection, tz: ZoneInfo, now: datetime, *, lock_first: bool = True) -> Ledger:
-        """``lock_first=False``: the chain head is locked by the flush, not now (PostgreSQL only)."""
-        if lock_first or conn.dialect.name != "postgresql":
+        """``lock_first=False``: the chain head is locked by the flush, not now (on SQLite ``conn``
+        only reads, and the flush is given the write transaction's connection)."""
+        if lock_first:
             return cls(conn, await Batch.begin(conn), tz, now)
         return cls(conn, Batch.deferred_on(conn), tz, now)
 
@@ -114,10 +115,11 @@ class Ledger:
         self._changed.add(stream)
         self.appended += 1
 
-    async def flush(self) -> None:
+    async def flush(self, *, on: AsyncConnection | None = None) -> None:
+        """Store the batch (``on``: the write transaction's connection, when this ledger read on another)."""
         heads = [h for s in sorted(self._changed) if (h := self._heads.get(s)) is not None]
         if self.batch.deferred:
-            await self.batch.flush(heads)
+            await self.batch.flush(heads, on=on)
         else:
             await self.batch.flush()
             await eventstore.save_patient_heads(self.conn, heads)

@@ -152,6 +152,16 @@ async def _lock_head(conn: AsyncConnection) -> tuple[int, str]:
     return head.position, head.hash
 
 
+async def stream_versions(conn: AsyncConnection, stream_ids: Iterable[str]) -> dict[str, int]:
+    """Each stream's version, of those that have events (one query)."""
+    wanted = sorted(set(stream_ids))
+    if not wanted:
+        return {}
+    rows = await conn.execute(select(events.c.stream_id, func.max(events.c.stream_version))
+                              .where(events.c.stream_id.in_(wanted)).group_by(events.c.stream_id))
+    return {stream: int(version) for stream, version in rows}
+
+
 async def stream_version(conn: AsyncConnection, stream_id: str) -> int:
     current = await conn.scalar(
         select(func.max(events.c.stream_version)).where(events.c.stream_id == stream_id)
@@ -196,8 +206,8 @@ class Batch:
 
     @classmethod
     def deferred_on(cls, conn: AsyncConnection) -> Batch:
-        """A batch whose lock is taken by its ``flush`` (PostgreSQL only)."""
-        assert conn.dialect.name == "postgresql"
+        """A batch whose lock is taken by its ``flush``: decided on what ``conn`` reads (on SQLite a
+        read snapshot, which waits for no writer), stored by ``flush`` once it holds the lock."""
         return cls(conn, 0, GENESIS, deferred=True)
 
     async def version(self, stream_id: str, known: int | None = None) -> int:
@@ -231,11 +241,16 @@ class Batch:
         self.versions[stream_id] = version
         return stored
 
-    async def flush(self, heads: Sequence[PatientHead] = ()) -> None:
+    async def flush(self, heads: Sequence[PatientHead] = (), *, on: AsyncConnection | None = None) -> None:
         """Store what was added. ``heads``: patient heads to write with it, which only a deferred
-        batch takes (a locked one's caller saves them with ``save_patient_heads``)."""
+        batch takes (a locked one's caller saves them with ``save_patient_heads``). ``on``: the
+        connection a deferred batch on SQLite is stored through (its write transaction; the batch
+        was decided on another, which only read)."""
         if self.deferred:
-            await self._flush_deferred(heads)
+            if self.conn.dialect.name == "postgresql":
+                await self._flush_deferred(heads)
+            else:
+                await self._flush_deferred_here(on or self.conn, heads)
             return
         assert not heads
         if not self.rows:
@@ -258,6 +273,45 @@ class Batch:
         if unkept:
             await self.conn.execute(delete(patient_heads).where(patient_heads.c.stream_id.in_(unkept)))
 
+
+    async def _flush_deferred_here(self, conn: AsyncConnection, heads: Sequence[PatientHead]) -> None:
+        """``eventstore_append_batch`` in Python, for SQLite: in ``conn``'s write transaction (which
+        holds SQLite's one write lock from its BEGIN) check that every stream is still at the
+        version this batch read (``StaleRead`` if not: nothing written), then number and
+        hash-chain the events after the chain head and store them with their outbox rows and the
+        patient heads given."""
+        checks = dict(self.read)  # a head written without an append was read at its version
+        checks.update((h.stream_id, h.stream_version) for h in heads if h.stream_id not in checks)
+        if not self.rows and not heads:
+            return
+        now_at = await stream_versions(conn, checks)
+        stale = sorted(s for s, version in checks.items() if now_at.get(s, 0) != version)
+        if stale:
+            raise StaleRead(stale)
+        rows, self.rows = self.rows, []
+        unkept, self._unkept = sorted(self._unkept), set()
+        unnumbered, self._unnumbered = self._unnumbered, []
+        position, prev_hash = await _lock_head(conn)
+        for row, event in zip(rows, unnumbered, strict=True):
+            position += 1
+            row.update(position=position, prev_hash=prev_hash)  # the canonical JSON is ASCII: as chain_hash
+            row["hash"] = prev_hash = hashlib.sha256((prev_hash + row.pop("canonical")).encode()).hexdigest()
+            event.__dict__["position"] = position  # built by ``_trusted``: its values are its __dict__
+        if rows:
+            try:
+                await conn.execute(insert(events), rows)
+            except IntegrityError as exc:
+                raise DuplicateEvent(f"event id or stream version taken: {exc.orig}") from exc
+            await conn.execute(insert(outbox), [
+                {"position": r["position"], "event_id": r["event_id"], "attempts": 0, "created_at": r["recorded_at"]}
+                for r in rows])
+            await conn.execute(
+                update(chain_head).where(chain_head.c.id == 1).values(position=position, hash=prev_hash))
+        if unkept:
+            await conn.execute(delete(patient_heads).where(patient_heads.c.stream_id.in_(unkept)))
+        await save_patient_heads(conn, heads)
+        self.versions.clear()
+        self.read.clear()
 
     async def _flush_deferred(self, heads: Sequence[PatientHead]) -> None:
         checks = dict(self.read)  # a head written without an append was read at its version

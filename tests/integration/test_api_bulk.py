@@ -316,10 +316,10 @@ async def test_after_the_database_dropped_every_connection_one_request_at_most_f
 
 async def test_a_stream_another_process_appends_to_after_the_batch_read_it_is_decided_again(
         client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine) -> None:
-    """On PostgreSQL the batch reads before it holds the chain head: a write by another process
-    in between makes the flush store nothing, and the batch runs again with the lock taken first."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("SQLite's writer holds the lock (BEGIN IMMEDIATE) before it reads")
+    """The batch reads before it holds the chain head (PostgreSQL: the flush's one statement takes
+    it; SQLite: the batch is decided on a read snapshot, then stored in a write transaction): a
+    write by another process in between makes the flush store nothing, and the batch runs again
+    with the lock taken first."""
     from services.ingest.idempotency import Answer
     from services.ingest.ledger import Ledger
     from services.ingest.unit_of_work import UnitOfWork
@@ -348,6 +348,48 @@ async def test_a_stream_another_process_appends_to_after_the_batch_read_it_is_de
         stream = await eventstore.read_stream(conn, patient_stream(sid))
         assert [(e.stream_version, e.recorded_by) for e in stream][1:] == [(2, "elsewhere"), (3, "test")]
         assert (await eventstore.read_patient_heads(conn, [patient_stream(sid)]))[patient_stream(sid)].stream_version == 3
+        assert (await eventstore.verify_chain(conn))[1:] == (None, "")
+
+
+async def test_on_sqlite_a_batch_is_decided_while_another_writer_holds_the_lock_and_stored_after(
+        client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine) -> None:
+    """SQLite has one write lock: the group commit decides on a read snapshot (no lock), and only
+    its store waits for the lock. Deciding inside the write transaction held the lock while the
+    safety service and the notifier waited."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL has no store-wide write lock: its batch is one statement")
+    import sqlite3
+
+    from services.ingest.idempotency import Answer
+    from services.ingest.ledger import Ledger
+    from services.ingest.unit_of_work import UnitOfWork
+    from shared.events import NewEvent, StoredEvent
+
+    sid = await enrol(client, tokens["staff_s01"])
+    decided = asyncio.Event()
+
+    async def work(ledger: Ledger) -> StoredEvent:
+        head = await ledger.head(sid)
+        assert head is not None
+        decided.set()
+        return await ledger.append(head, NewEvent(type="follow_up", subject_id=sid, recorded_by="test",
+                                                  occurred_at=datetime.fromisoformat(AT), data={}))
+
+    uow = UnitOfWork(engine, lambda: datetime.now(UTC))
+    holder = sqlite3.connect(str(engine.url.database), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        writing = asyncio.create_task(uow.write(work, lambda stored: Answer(201, stored.public()), subjects=(sid,)))
+        await asyncio.wait_for(decided.wait(), 5)  # decided while the lock is held elsewhere
+        await asyncio.sleep(0.2)
+        assert not writing.done()  # but not stored, nor answered, before the lock is free
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    answer = await asyncio.wait_for(writing, 30)
+    assert answer.status == 201 and answer.body["stream_version"] == 2
+    async with engine.connect() as conn:
+        assert [e.stream_version for e in await eventstore.read_stream(conn, patient_stream(sid))] == [1, 2]
         assert (await eventstore.verify_chain(conn))[1:] == (None, "")
 
 
