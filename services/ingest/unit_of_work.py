@@ -11,13 +11,15 @@ checks has added nothing (nothing is written before the flush), so it cannot spo
 failure of the transaction itself (a store error, an Idempotency-Key taken by another process)
 rolls the batch back and runs its commands again one transaction each, so only the guilty one fails.
 
-On PostgreSQL the writer does not take the lock first: the commands are decided against what the
-ledger reads, and the flush, one statement, takes the lock, checks that no stream the batch wrote
-moved on meanwhile (another process appended to it) and stores the batch. A batch without
-Idempotency-Keys is that statement alone, in autocommit (it commits as it returns; the reads
-before it need no transaction, the check stands for them); one with keys stores them with it in
-one transaction. A stale read writes nothing, and the batch is decided again with the lock taken
-first, as on SQLite.
+The writer does not take the lock first: the commands are decided against what the ledger reads,
+and the flush takes the lock, checks that no stream the batch wrote moved on meanwhile (another
+process appended to it) and stores the batch. On PostgreSQL the flush is one statement, and a
+batch without Idempotency-Keys is that statement alone, in autocommit (it commits as it returns;
+the reads before it need no transaction, the check stands for them); one with keys stores them
+with it in one transaction. On SQLite the batch is decided on a read snapshot and stored in a
+write transaction of its own, which holds the one write lock for the storing only; a batch with
+keys takes the lock first. A stale read writes nothing, and the batch is decided again with the
+lock taken first.
 """
 
 from __future__ import annotations

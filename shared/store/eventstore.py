@@ -9,8 +9,9 @@ Every append, in one transaction (``Batch``: many appends may share one):
 - inserts the events and one outbox row each (the transactional outbox: the relay publishes them),
   all of a batch's in one statement each, and moves the chain head once.
 
-On PostgreSQL a batch may also be decided before the lock and stored by one server call that takes
-it and checks the versions the batch read (``Batch.deferred_on``, migration 0008).
+A batch may also be decided before the lock and stored once it is taken, after a check that the
+streams it read are still at those versions (``Batch.deferred_on``): on PostgreSQL by one server
+call (migration 0008), on SQLite in a write transaction of its own.
 
 Nothing here updates or deletes an event.
 """
@@ -184,12 +185,12 @@ class Batch:
     appended without a known version lose their ``patient_heads`` row at ``flush`` (whoever keeps
     it builds it again from the stream).
 
-    On PostgreSQL a batch may also be decided before the lock is taken (``Batch.deferred``): ``add``
-    numbers the stream versions only, and ``flush`` is one call of ``eventstore_append_batch``
-    (migration 0008), which takes the lock, checks that every stream is still at the version this
-    batch read (``StaleRead`` if not: nothing written), numbers and hash-chains the events after the
-    chain head, and stores them with the patient heads given. The events ``add`` answered get their
-    positions then.
+    A batch may also be decided before the lock is taken (``Batch.deferred``): ``add`` numbers the
+    stream versions only, and ``flush`` takes the lock, checks that every stream is still at the
+    version this batch read (``StaleRead`` if not: nothing written), numbers and hash-chains the
+    events after the chain head, and stores them with the patient heads given; on PostgreSQL that
+    is one call of ``eventstore_append_batch`` (migration 0008), on SQLite the same steps in the
+    write transaction ``flush`` is given. The events ``add`` answered get their positions then.
     """
 
     def __init__(self, conn: AsyncConnection, position: int, prev_hash: str, *, deferred: bool = False) -> None:
