@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.safety.handlers import Decision, Known
+from services.safety.handlers import Ahead, Decision, Known
 from shared.events import StoredEvent
 from shared.protocol import Protocol
 from shared.store.tables import patient_projection
@@ -51,6 +51,18 @@ async def projected_up_to(ward: Ward, subject: str) -> int:
     async with ward.engine.connect() as conn:
         return int(await conn.scalar(select(patient_projection.c.last_position)
                                      .where(patient_projection.c.subject_id == subject)))
+
+
+async def decided_ahead(ward: Ward) -> tuple[str, str, list[StoredEvent], Ahead] | None:
+    """``two_patients`` and their batch decided ahead; None on PostgreSQL, which decides nothing
+    ahead (checked here)."""
+    first, second, batch = await two_patients(ward)
+    ahead = await ward.monitor.decide_ahead(batch)
+    if ward.engine.dialect.name != "sqlite":
+        assert ahead is None
+        return None
+    assert ahead is not None
+    return first, second, batch, ahead
 
 
 def spy_on_decide(ward: Ward) -> list[str]:
@@ -96,12 +108,9 @@ async def test_patients_are_decided_without_the_write_lock_and_not_again_inside_
 async def test_a_patient_with_an_event_after_the_snapshot_is_decided_again_under_the_lock(
         trial_ward: Ward) -> None:
     ward = trial_ward
-    first, second, batch = await two_patients(ward)
-    if ward.engine.dialect.name != "sqlite":
-        assert await ward.monitor.decide_ahead(batch) is None
+    if (found := await decided_ahead(ward)) is None:
         return
-    ahead = await ward.monitor.decide_ahead(batch)
-    assert ahead is not None
+    first, second, batch, ahead = found
     late = await ward.record(second, crs3(3))  # after the snapshot, before the batch's transaction
 
     decided = spy_on_decide(ward)
@@ -120,12 +129,9 @@ async def test_a_decision_made_for_another_cause_is_made_again(trial_ward: Ward)
     """A batch redelivered in part (some events already processed) names other causes than the
     ones decided ahead: those patients are decided again, their withdrawals citing the right event."""
     ward = trial_ward
-    first, second, batch = await two_patients(ward)
-    if ward.engine.dialect.name != "sqlite":
-        assert await ward.monitor.decide_ahead(batch) is None
+    if (found := await decided_ahead(ward)) is None:
         return
-    ahead = await ward.monitor.decide_ahead(batch)
-    assert ahead is not None
+    first, second, batch, ahead = found
     decided = spy_on_decide(ward)
     async with ward.engine.begin() as conn:
         await ward.monitor.on_batch(conn, [batch[0]], ahead=ahead)  # the second patient's event was done
