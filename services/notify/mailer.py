@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.policy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import getaddresses
@@ -53,9 +54,11 @@ class MailerUnavailable(Exception):
 
 
 class Mailer(Protocol):
-    """Hand one message to a mail system; return only once it was accepted."""
+    """Hand one message to a mail system; return only once it was accepted. ``accepted``, if
+    given, is called the moment the mail system has taken the message, before anything else of
+    the conversation (an SMTP server's QUIT) can fail or a crash can lose the news."""
 
-    async def send(self, message: EmailMessage) -> None: ...
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -105,22 +108,18 @@ class SmtpMailer:
         mode = "smtps" if self.use_tls else "smtp+starttls" if self.start_tls else "smtp"
         return f"{mode}://{self.hostname}:{self.port}"
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
         recipients = [address for _, address in getaddresses(
             [*message.get_all("To", []), *message.get_all("Cc", [])])]
+        # aiosmtplib.send's own steps, so that ``accepted`` runs between the DATA's 250 and the QUIT.
+        client = aiosmtplib.SMTP(hostname=self.hostname, port=self.port, username=self.username,
+                                 password=self.password, use_tls=self.use_tls, start_tls=self.start_tls,
+                                 timeout=self.timeout)
         try:
-            refused, _ = await aiosmtplib.send(
-                wire_bytes(message),
-                sender=str(message["From"]),
-                recipients=recipients,
-                hostname=self.hostname,
-                port=self.port,
-                username=self.username,
-                password=self.password,
-                use_tls=self.use_tls,
-                start_tls=self.start_tls,
-                timeout=self.timeout,
-            )
+            async with client:
+                refused, _ = await client.sendmail(str(message["From"]), recipients, wire_bytes(message))
+                if not refused and accepted is not None:
+                    accepted()
         except aiosmtplib.SMTPResponseException as exc:
             raise MailerUnavailable(
                 f"{self.describe()} answered {exc.code} {exc.message}", code=exc.code
@@ -158,12 +157,14 @@ class RecordingMailer:
     def fail_next(self, n: int = 1, *, error: str = "told to fail") -> None:
         self._failures, self._error = n, error
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
         self.attempts += 1
         if self._failures > 0:
             self._failures -= 1
             raise MailerUnavailable(f"recording mailer: {self._error}")
         self.sent.append(message)
+        if accepted is not None:
+            accepted()
 
     def to(self, recipient: str) -> list[EmailMessage]:
         """The messages addressed to one recipient (compared case-insensitively)."""

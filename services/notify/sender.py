@@ -173,7 +173,12 @@ class DeliverySender:
                 waiting.get_nowait()
             for n in range(len(lanes)):
                 waiting.put_nowait((2, n, None))  # after any row: each lane stops at one
-            _, late = await asyncio.wait([*lanes, *recording], timeout=STOP_GRACE_S)
+            deadline = asyncio.get_running_loop().time() + STOP_GRACE_S
+            _, late = await asyncio.wait(lanes, timeout=STOP_GRACE_S)
+            if recording:  # the "sent" records, the last ones started as the lanes finished
+                _, late_records = await asyncio.wait(
+                    list(recording), timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+                late |= late_records
             for task in late:
                 task.cancel()
             _log_failed_records(recording)
@@ -295,17 +300,31 @@ class DeliverySender:
             log.warning("alert mail %s to %s went out before its sender died; recording it, not sending it again",
                         claim.message_id, claim.recipient)
             return "mailed before"
+        journaled = False
+
+        def accepted() -> None:
+            """The server answered the DATA with 250: journal it now, before the QUIT round trip
+            (in the loop, no thread hop: the journal's line is the one thing that tells a later
+            sender this mail went out, so the gap before it is kept as short as can be)."""
+            nonlocal journaled
+            self._journal.record(claim.message_id)
+            journaled = True
+
         try:
             message = await self._message(claim, clock())
             async with asyncio.timeout(self._lease.total_seconds() / 2):
-                await self._mailer.send(message)
+                await self._mailer.send(message, accepted=accepted)
         except _Deferred as deferred:
             await self._release(claim, next_attempt_at=deferred.until)
             return None
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
+            if journaled:  # the server has it; what failed came after (the QUIT): not sent again
+                log.warning("alert mail %s to %s was accepted, then: %s", claim.message_id, claim.recipient, exc)
+                return "mailed"
             await self._failed(claim, exc, clock())
             return None
-        await asyncio.to_thread(self._journal.record, claim.message_id)
+        if not journaled:  # a mailer that does not say when the server took it
+            await asyncio.to_thread(self._journal.record, claim.message_id)
         return "mailed"
 
     async def _record_sent(self, claim: _Claim, clock: Callable[[], datetime]) -> None:

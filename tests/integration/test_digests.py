@@ -60,9 +60,9 @@ class HangingMailer:
     def __init__(self, forward: Mailer | None = None) -> None:
         self.forward, self.entered = forward, asyncio.Event()
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
         if self.forward is not None:
-            await self.forward.send(message)
+            await self.forward.send(message, accepted=accepted)
         self.entered.set()
         await asyncio.Event().wait()
 

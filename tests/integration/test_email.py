@@ -7,7 +7,7 @@ import email.policy
 import re
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -309,13 +309,13 @@ class SlowMailer(RecordingMailer):
         self.in_flight = self.most_at_once = 0
         self.started: list[str] = []  # subjects, in the order their conversations began
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
         self.started.append(str(message["Subject"]))
         self.in_flight += 1
         self.most_at_once = max(self.most_at_once, self.in_flight)
         try:
             await asyncio.sleep(0.1)
-            await super().send(message)
+            await super().send(message, accepted=accepted)
         finally:
             self.in_flight -= 1
 
@@ -397,8 +397,8 @@ async def test_a_lane_sends_its_next_mail_while_the_last_ones_sent_is_being_reco
     both_mailed = asyncio.Event()
 
     class Noting(RecordingMailer):
-        async def send(self, message: EmailMessage) -> None:
-            await super().send(message)
+        async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
+            await super().send(message, accepted=accepted)
             if len(self.sent) == 2:
                 both_mailed.set()
 
@@ -638,11 +638,11 @@ class HeldMailer(RecordingMailer):
         super().__init__()
         self.held, self.release, self.holding = held, asyncio.Event(), asyncio.Event()
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
         if self.held in str(message["Subject"]):
             self.holding.set()
             await self.release.wait()
-        await super().send(message)
+        await super().send(message, accepted=accepted)
 
 
 async def test_run_sends_a_mail_queued_meanwhile_without_waiting_for_the_ones_on_their_way(
@@ -688,3 +688,33 @@ async def test_a_sender_stopped_mid_mail_finishes_it_and_records_it_sent(own_eng
         await asyncio.wait_for(running, 15)
     assert len(mailer.to(pi)) == 1
     assert [r.status for r in await rows_of(engine, event)] == ["sent"]
+
+
+async def test_the_journal_has_the_mail_before_the_client_says_quit(own_engine: AsyncEngine, data_dir: Path) -> None:
+    """The journal's line is written as soon as the server answers the DATA, not after the QUIT
+    round trip: a sender killed in between would otherwise send the mail again after its lease."""
+    engine, pi = own_engine, address("pi")
+    journal = SentJournal(data_dir / "mail-sent.journal")
+    at_quit: list[str] = []
+
+    class NotingQuit(SMTP):
+        async def smtp_QUIT(self, arg: str) -> None:  # noqa: N802
+            at_quit.append(journal.path.read_text() if journal.path and journal.path.exists() else "")
+            await super().smtp_QUIT(arg)
+
+    class Sink:
+        pass
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: NotingQuit(Sink(), hostname="noting"), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        event = await raise_alert(engine, title="Grade 4 CRS")
+        await queue(engine, event, [pi])
+        the_sender = DeliverySender(engine, SmtpMailer("127.0.0.1", port, timeout=5), mail_from="trialwatch@localhost",
+                                    api_base_url="http://127.0.0.1:8000", trial_title=TRIAL, journal=journal)
+        assert await the_sender.send_due() == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert at_quit and message_id_for(event.event_id, pi) in at_quit[0]
