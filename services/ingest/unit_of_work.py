@@ -158,10 +158,12 @@ class UnitOfWork:
                 job.done.set_result(outcome)
 
     async def _transaction(self, jobs: list[_Job], *, lock_first: bool) -> dict[_Job, Answer | BaseException]:
-        if lock_first or any(job.key for job in jobs):
-            async with self.engine.begin() as conn:
-                return await self._decide_and_store(conn, jobs, lock_first=True, autocommit=False)
-        if self.engine.dialect.name == "postgresql":
+        postgres = self.engine.dialect.name == "postgresql"
+        if lock_first or any(job.key for job in jobs):  # keys are looked up and kept in one transaction
+            async with self.engine.begin() as conn:  # PostgreSQL still decides before its flush takes the lock
+                return await self._decide_and_store(conn, jobs, lock_first=lock_first or not postgres,
+                                                    autocommit=False)
+        if postgres:
             async with self.engine.connect() as conn:  # one statement stores it all: it commits as it returns
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
                 return await self._decide_and_store(conn, jobs, lock_first=False, autocommit=True)

@@ -393,6 +393,32 @@ async def test_on_sqlite_a_batch_is_decided_while_another_writer_holds_the_lock_
         assert (await eventstore.verify_chain(conn))[1:] == (None, "")
 
 
+async def test_a_write_with_an_idempotency_key_takes_the_lock_first_only_on_sqlite(
+        client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key is looked up and kept in the batch's one transaction. On SQLite that transaction holds
+    the write lock from its BEGIN, so the batch is decided under it; on PostgreSQL it is still
+    decided before the flush takes the chain head (a bulk import holds it for a moment, not for
+    the whole file's checks)."""
+    sid = await enrol(client, tokens["staff_s01"])
+    batches: list[str] = []
+    locked, deferred = eventstore.Batch.begin.__func__, eventstore.Batch.deferred_on.__func__  # type: ignore[attr-defined]
+
+    async def begin(cls: type[eventstore.Batch], conn: Any) -> eventstore.Batch:
+        batches.append("lock first")
+        return await locked(cls, conn)  # type: ignore[no-any-return]
+
+    def deferred_on(cls: type[eventstore.Batch], conn: Any) -> eventstore.Batch:
+        batches.append("decide first")
+        return deferred(cls, conn)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(eventstore.Batch, "begin", classmethod(begin))
+    monkeypatch.setattr(eventstore.Batch, "deferred_on", classmethod(deferred_on))
+    answer = await post_event(client, tokens["staff_s01"], sid, {"type": "follow_up", "occurred_at": AT},
+                              **{"Idempotency-Key": f"k-{uuid.uuid4()}"})
+    assert answer.status_code == 201, answer.text
+    assert batches == (["decide first"] if engine.dialect.name == "postgresql" else ["lock first"])
+
+
 async def test_what_a_group_commit_answers_is_what_is_read_back(
         client: httpx.AsyncClient, tokens: dict[str, str], engine: AsyncEngine) -> None:
     """Events of one batch, positions included (on PostgreSQL the server gives them), are the stored ones."""
