@@ -102,20 +102,22 @@ async def _keep_running(nats: EmbeddedNats, every_s: float = 1.0) -> None:
 
 def ingest_app(settings: Settings, engine: AsyncEngine, nats_url: str) -> Any:
     names = BusNames(settings.stream_name, settings.subject_prefix)
+    broker = nats_broker(nats_url)
+    outbox = OutboxRelay(engine, broker, names)  # poked by every commit of the API: no interval's wait
 
     async def relay() -> None:
-        broker = nats_broker(nats_url)
         await broker.connect()
         stop = asyncio.Event()
         try:
-            await OutboxRelay(engine, broker, names).run(stop, interval=settings.relay_interval_s)
+            await outbox.run(stop, interval=settings.relay_interval_s)
         finally:
             await broker.stop()
 
     async def bus_ready() -> None:
         await check_nats(nats_url)
 
-    return create_ingest_app(settings, engine=engine, readiness_checks={"bus": bus_ready}, lifespan_tasks=[relay])
+    return create_ingest_app(settings, engine=engine, readiness_checks={"bus": bus_ready}, lifespan_tasks=[relay],
+                             on_stored=outbox.poke)
 
 
 async def serve_http(settings: Settings, app: Any) -> None:

@@ -138,9 +138,9 @@ class OutboxRelay:
     """
 
     def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 500,
-                 window: int = 64, ack_timeout_s: float = 5.0) -> None:
+                 window: int = 64, ack_timeout_s: float = 5.0, gather_s: float = 0.01) -> None:
         self.engine, self.broker, self.names, self.batch, self.window = engine, broker, names, batch, window
-        self.ack_timeout_s = ack_timeout_s
+        self.ack_timeout_s, self.gather_s = ack_timeout_s, gather_s
         self.reads = reader(engine)  # SQLite: the rows are read apart from their delete
         self._wake = asyncio.Event()
         # SQLite, in ``run``: rows published whose delete has not committed yet, and the deletes
@@ -152,6 +152,8 @@ class OutboxRelay:
         self._js_of: object = None  # the connection ``_js`` belongs to
 
     def poke(self) -> None:
+        """Publish now, not at the next interval: what its process just committed (the API's
+        group commit, the safety service's batch) goes out within ``gather_s``."""
         self._wake.set()
 
     def _jetstream(self) -> JetStreamContext:
@@ -292,6 +294,9 @@ class OutboxRelay:
     async def _run(self, stop: asyncio.Event, interval: float) -> None:
         backoff, behind = interval, self.engine.dialect.name == "sqlite"
         while not stop.is_set():
+            # Cleared before the round reads, not after: a poke while it publishes (a commit it
+            # did not see) must start the next round at once, not wait out the interval.
+            self._wake.clear()
             try:
                 published = await self.publish_pending(settle_behind=behind)
                 backoff = interval
@@ -300,8 +305,9 @@ class OutboxRelay:
                 published, backoff = 0, min(backoff * 2, 5.0)
             if published >= self.batch:
                 continue
-            self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+                async with asyncio.timeout(backoff):
+                    await self._wake.wait()
             except TimeoutError:
-                pass
+                continue
+            await asyncio.sleep(self.gather_s)  # poked: the commits right behind go in the same round

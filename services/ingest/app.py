@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest import api, health, problems, web
 from services.ingest.auth import PrincipalCache
+from services.ingest.idempotency import Answer
 from services.ingest.metrics import Metrics, MetricsMiddleware
 from services.ingest.unit_of_work import UnitOfWork
 from shared.protocol import Protocol, load_protocol
@@ -37,10 +38,12 @@ def create_app(
     protocol: Protocol | None = None,
     readiness_checks: Mapping[str, Task] | None = None,
     lifespan_tasks: Sequence[Task] = (),
+    on_stored: Callable[[], None] = lambda: None,
 ) -> FastAPI:
     """Build the API. Defaults: the engine from ``settings`` (not migrated here: the CLI migrates),
     the protocol file from ``settings``. ``readiness_checks`` come beside the store's own (the bus);
-    ``lifespan_tasks`` run in the background while the app serves (the outbox relay)."""
+    ``lifespan_tasks`` run in the background while the app serves (the outbox relay);
+    ``on_stored`` is called after each write commits (it pokes the relay)."""
     owns_engine = engine is None
     engine = engine or make_engine(settings.resolved_database_url)
     metrics = Metrics()
@@ -66,8 +69,11 @@ def create_app(
     app.state.clock = now_utc
     app.state.principals = PrincipalCache(engine, clock=lambda: app.state.clock())
     app.state.metrics = metrics
-    app.state.uow = UnitOfWork(engine, lambda: app.state.clock(), on_commit=lambda a: metrics.recorded(a.recorded),
-                               tz=app.state.protocol.tz)
+    def committed(answer: Answer) -> None:
+        metrics.recorded(answer.recorded)
+        on_stored()
+
+    app.state.uow = UnitOfWork(engine, lambda: app.state.clock(), on_commit=committed, tz=app.state.protocol.tz)
     app.state.readiness_checks = {"store": health.store_check(engine), **(readiness_checks or {})}
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     problems.install(app, api.KNOWN_ERRORS)

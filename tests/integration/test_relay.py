@@ -7,22 +7,26 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.client import JetStreamContext
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.runner import ingest_app
 from services.safety.app import make_broker
 from shared.bus import OutboxRelay, ensure_stream
 from shared.embedded_nats import EmbeddedNats
-from shared.events import NewEvent, StoredEvent, patient_stream
+from shared.events import PATIENT_ENROLLED, NewEvent, StoredEvent, patient_stream
 from shared.store import eventstore
 from shared.store.tables import outbox
-from tests.support.faults import bus_url, fresh_names, jetstream, messages_on, own_nats  # noqa: F401 - fixtures
-from tests.support.system import eventually
+from tests.support.api import enrol, new_token
+from tests.support.faults import bus_url, fresh_names, jetstream, messages_on, names_of, own_nats  # noqa: F401 - fixtures
+from tests.support.system import eventually, session_settings
 
 PROBE = "relay_probe"  # a type of its own: other tests' leftover rows land on other subjects
 
@@ -224,3 +228,48 @@ async def test_on_sqlite_the_relay_publishes_on_while_its_last_delete_waits_for_
         await asyncio.wait_for(relay.settled(), 30)
         assert await waiting(engine, first, second) == {}
         assert await relay.publish_pending() == 0  # deleted, not published again
+
+
+async def test_a_poke_while_a_round_publishes_starts_the_next_round_at_once(relay: OutboxRelay) -> None:
+    # A commit lands (and pokes) while the relay is in the middle of a round: the round read the
+    # outbox before that commit, so the next one must follow at once, not an interval later.
+    rounds: list[float] = []
+    publish = relay.publish_pending
+
+    async def publish_pending(**options: Any) -> int:
+        rounds.append(asyncio.get_running_loop().time())
+        if len(rounds) == 1:
+            relay.poke()
+        return await publish(**options)
+
+    relay.publish_pending = publish_pending  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop, interval=60.0))
+    try:
+        await eventually(lambda: len(rounds) >= 2, timeout=10.0)
+    finally:
+        stop.set()
+        relay.poke()
+        await running
+
+
+async def test_the_apis_relay_publishes_a_recorded_event_without_waiting_for_its_interval(
+    engine: AsyncEngine, bus_url: str, tmp_path: Path  # noqa: F811
+) -> None:
+    # trialwatch ingest's relay polls every relay_interval_s; each commit of the API pokes it, so
+    # an urgent event goes onto the bus at once, not up to an interval later.
+    settings = session_settings(tmp_path, bus_url, "smtp://127.0.0.1:1", relay_interval_s=60.0)
+    names = names_of(settings)
+    await ensure_stream(bus_url, names)
+    app = ingest_app(settings, engine, bus_url)
+    token = await new_token(engine, "admin")
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
+        await asyncio.sleep(0.5)  # the relay's first round (the outbox of earlier tests) is behind it
+        subject_id = await enrol(client, token)
+
+        async def on_the_bus() -> bool:
+            found = await messages_on(bus_url, names.stream, names.subject(PATIENT_ENROLLED))
+            return any(m["subject_id"] == subject_id for m in found)
+
+        await eventually(on_the_bus, timeout=10.0)

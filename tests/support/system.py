@@ -37,7 +37,7 @@ def session_settings(data_dir: Path, nats_url: str, smtp_url: str, **extra: Any)
         data_dir=data_dir, nats_url=nats_url, smtp_url=smtp_url,
         investigator_emails=INVESTIGATORS, dsmb_emails=DSMB,
         stream_name=f"TW_{tag}", subject_prefix=f"tw{tag}", http_port=free_port(),
-        relay_interval_s=0.05, max_deliver=3, **extra,
+        **{"relay_interval_s": 0.05, "max_deliver": 3, **extra},
     )
 
 
