@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 # 78 and, for a subject with a 32-character subject id, puts the whole value on a continuation
 # line, so a compat32 reader sees a subject that starts with a line break. Messages are built with
 # it (rendering.py) and put on the wire with it (aiosmtplib's own flattening would fold again).
-MAIL_POLICY = email.policy.default.clone(max_line_length=998)
+# 7bit from the start: a text that is not ASCII is encoded (quoted-printable or base64) as it is
+# composed; composed "8bit", the 7-bit wire flattening deep-copied the message to encode it again.
+MAIL_POLICY = email.policy.default.clone(max_line_length=998, cte_type="7bit")
 _WIRE_POLICY = MAIL_POLICY.clone(linesep="\r\n", cte_type="7bit")  # 7bit: any server takes it
 
 

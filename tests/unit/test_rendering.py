@@ -1,10 +1,12 @@
 import email
+import email.policy
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from services.notify.mailer import wire_bytes
 from services.notify.rendering import compose, render_alert
 from shared.events import (
     ALERT_RAISED,
@@ -174,6 +176,21 @@ def test_compose_builds_a_text_and_html_message_with_our_message_id() -> None:
     assert message.get_body(("plain",)).get_content() == mail.text
     assert message.get_body(("html",)).get_content().strip() == mail.html.strip()
 
+
+
+def test_a_mail_with_non_ascii_text_is_composed_7_bit_clean_and_goes_on_the_wire_as_composed() -> None:
+    # The parts are encoded once, as they are composed: a part composed "8bit" made the 7-bit wire
+    # flattening copy the whole message and encode it again, a third of the sender's CPU per mail.
+    mail = render(ALERT_RAISED, raised(detail="Grade ≥ 3 CRS — 9 µg/day · day 5", title="Grade 3 CRS — course 1"))
+    message = compose(mail, mail_from="trialwatch@localhost", to="pi@example.org", message_id="<u.1@trialwatch>",
+                      date=RECORDED, severity="urgent")
+
+    encodings = {part["Content-Transfer-Encoding"] for part in message.iter_parts()}
+    assert encodings <= {"7bit", "quoted-printable", "base64"}, encodings
+    assert wire_bytes(message) == message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+    back = email.message_from_bytes(wire_bytes(message), policy=email.policy.default)
+    assert back.get_body(("plain",)).get_content().replace("\r\n", "\n") == mail.text
+    assert "Grade ≥ 3 CRS — 9 µg/day · day 5" in mail.text
 
 def test_stopping_rule_subject_says_crossed_once_for_the_safety_services_titles() -> None:
     from shared.clinical.stopping import crossing_alert, evaluate_rule
