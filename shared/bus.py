@@ -138,9 +138,12 @@ class OutboxRelay:
     """
 
     def __init__(self, engine: AsyncEngine, broker: NatsBroker, names: BusNames, *, batch: int = 500,
-                 window: int = 64, ack_timeout_s: float = 5.0, gather_s: float = 0.01) -> None:
+                 window: int = 64, ack_timeout_s: float = 5.0, gather_s: float | None = None) -> None:
         self.engine, self.broker, self.names, self.batch, self.window = engine, broker, names, batch, window
-        self.ack_timeout_s, self.gather_s = ack_timeout_s, gather_s
+        self.ack_timeout_s = ack_timeout_s
+        # After a poke, how long the commits right behind it may join the round. On SQLite each
+        # round ends in a delete that waits for the one write lock: fewer, larger rounds.
+        self.gather_s = gather_s if gather_s is not None else 0.01 if engine.dialect.name == "postgresql" else 0.1
         self.reads = reader(engine)  # SQLite: the rows are read apart from their delete
         self._wake = asyncio.Event()
         # SQLite, in ``run``: rows published whose delete has not committed yet, and the deletes
@@ -310,4 +313,4 @@ class OutboxRelay:
                     await self._wake.wait()
             except TimeoutError:
                 continue
-            await asyncio.sleep(self.gather_s)  # poked: the commits right behind go in the same round
+            await asyncio.sleep(self.gather_s)  # poked: the commits right behind join the round

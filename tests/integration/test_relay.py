@@ -256,9 +256,11 @@ async def test_a_poke_while_a_round_publishes_starts_the_next_round_at_once(rela
 async def test_the_apis_relay_publishes_a_recorded_event_without_waiting_for_its_interval(
     engine: AsyncEngine, bus_url: str, tmp_path: Path  # noqa: F811
 ) -> None:
-    # trialwatch ingest's relay polls every relay_interval_s; each commit of the API pokes it, so
-    # an urgent event goes onto the bus at once, not up to an interval later.
-    settings = session_settings(tmp_path, bus_url, "smtp://127.0.0.1:1", relay_interval_s=60.0)
+    # trialwatch ingest's relay polls every relay_interval_s; on PostgreSQL each commit of the API
+    # pokes it, so an urgent event goes onto the bus at once, not up to an interval later. SQLite
+    # keeps to the interval (runner.ingest_app says why): there the event comes with the next round.
+    polled = engine.dialect.name != "postgresql"
+    settings = session_settings(tmp_path, bus_url, "smtp://127.0.0.1:1", relay_interval_s=1.0 if polled else 60.0)
     names = names_of(settings)
     await ensure_stream(bus_url, names)
     app = ingest_app(settings, engine, bus_url)
