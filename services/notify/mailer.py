@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # 7bit from the start: a text that is not ASCII is encoded (quoted-printable or base64) as it is
 # composed; composed "8bit", the 7-bit wire flattening deep-copied the message to encode it again.
 MAIL_POLICY = email.policy.default.clone(max_line_length=998, cte_type="7bit")
-_WIRE_POLICY = MAIL_POLICY.clone(linesep="\r\n", cte_type="7bit")  # 7bit: any server takes it
+_WIRE_POLICY = MAIL_POLICY.clone(linesep="\r\n")  # 7bit, as composed: any server takes it
 
 
 def wire_bytes(message: EmailMessage) -> bytes:
