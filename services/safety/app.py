@@ -12,7 +12,7 @@ from faststream.nats import NatsBroker
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.safety.consumer import DURABLE, build_puller
-from services.safety.follower import RULES_LEASE, Lease, TrialFollower, bump_rule_inputs, look_interval
+from services.safety.follower import RULES_LEASE, Lease, TrialFollower, bump_rule_inputs
 from services.safety.handlers import Ahead, SafetyMonitor
 from shared.background import Background
 from shared.bus import BusNames, OutboxRelay, ensure_stream, nats_broker
@@ -55,7 +55,7 @@ class SafetyService:
         self.monitor = SafetyMonitor(self.engine, self.protocol, clock)
         self.relay = OutboxRelay(self.engine, self.broker, self.names)
         self.follower = TrialFollower(self.engine, self.monitor, Lease(self.engine, RULES_LEASE),
-                                      after=self.relay.poke, interval=look_interval(self.engine))
+                                      after=self.relay.poke)
         self.subscription = BatchSubscription(self.engine, DURABLE, self.work, max_deliver=settings.max_deliver,
                                               is_outage=is_outage, after_commit=self.after_commit,
                                               prepare=self.prepare)

@@ -96,19 +96,20 @@ async def rule_inputs_seen(conn: AsyncConnection) -> tuple[int, StoredEvent | No
 DUE_BATCH = 200
 
 
-def look_interval(engine: AsyncEngine) -> float:
-    """How often, at most, the follower looks (the rules and the due checks): every quarter second,
-    but on SQLite once a second. There each look holds the store's one write lock while the API's
-    commits, the patients' batches and the notifier's claims wait: with 1,000 patients at 250
-    events/s a look held it 14 ms at the median and 100 ms at p99, four times a second. A new
-    crossing waits for the records to settle (5 s) anyway, and a due check is a moment of the
-    clinical calendar, not of the second hand."""
-    return 1.0 if engine.dialect.name == "sqlite" else 0.25
+# How often, at most, the follower looks (the rules and the due checks), on either store. A look
+# reads every patient's rule inputs, so under a stream of batches it costs per look, not per
+# event: looking four times a second was about 5 % of the safety service's CPU at 250 events/s on
+# PostgreSQL (py-spy, 2026-12-01). On SQLite a look also holds the store's one write lock while the
+# API's commits, the patients' batches and the notifier's claims wait (with 1,000 patients at 250
+# events/s a look held it 14 ms at the median and 100 ms at p99). A new crossing waits for the
+# records to settle (5 s) anyway, and a due check is a moment of the clinical calendar, not of
+# the second hand.
+LOOK_INTERVAL_S = 1.0
 
 
 class TrialFollower:
     def __init__(self, engine: AsyncEngine, monitor: SafetyMonitor, lease: Lease, *,
-                 after: Callable[[], None] = lambda: None, interval: float = 0.25) -> None:
+                 after: Callable[[], None] = lambda: None, interval: float = LOOK_INTERVAL_S) -> None:
         self.engine, self.monitor, self.lease, self.after, self.interval = engine, monitor, lease, after, interval
         self.reads = reader(engine)
         self._wake = asyncio.Event()
@@ -151,7 +152,7 @@ class TrialFollower:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Step on every poke and every ``interval``, but at most once an ``interval``: the rules
-        read every patient's inputs, so under a stream of batches they look once a quarter second,
+        read every patient's inputs, so under a stream of batches they look once an interval,
         not once a batch (a crossing waits for the records to settle anyway, seconds longer)."""
         loop = asyncio.get_running_loop()
         while not stop.is_set():

@@ -1,15 +1,17 @@
-"""How often the trial's follower looks: on SQLite each look holds the store's one write lock."""
+"""How often the trial's follower looks: once a second on either store (services/safety/follower.py)."""
 
-from services.safety.follower import look_interval
+import pytest
+
+from services.safety.app import SafetyService
+from shared.settings import Settings
 from shared.store.engine import make_engine
 
 
-async def test_the_follower_looks_once_a_second_on_sqlite_and_four_times_a_second_on_postgresql() -> None:
-    sqlite = make_engine("sqlite+aiosqlite:///:memory:")
-    postgres = make_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")  # never connected
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite:///:memory:", "postgresql+asyncpg://nobody@127.0.0.1:1/none"])
+async def test_the_safety_services_follower_looks_once_a_second(url: str) -> None:
+    engine = make_engine(url)  # never connected
     try:
-        assert look_interval(sqlite) == 1.0
-        assert look_interval(postgres) == 0.25
+        service = SafetyService(Settings(_env_file=None), nats_url="nats://127.0.0.1:1", engine=engine)
+        assert service.follower.interval == 1.0
     finally:
-        await sqlite.dispose()
-        await postgres.dispose()
+        await engine.dispose()
