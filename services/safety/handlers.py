@@ -136,6 +136,13 @@ class Ahead:
     decisions: dict[str, tuple[uuid.UUID | None, Decision | None]]
 
 
+async def read_known(conn: AsyncConnection, subjects: Sequence[str]) -> dict[str, Known]:
+    """Each patient's stream and the alerts about it, read for all of them at once."""
+    histories = await eventstore.read_streams(conn, [patient_stream(s) for s in subjects])
+    alerts = await eventstore.read_types_of(conn, ALERT_TYPES, subjects)
+    return {s: Known(histories[patient_stream(s)], alerts[s]) for s in subjects}
+
+
 def _in_utc(row: RuleInput) -> RuleInput:
     return RuleInput(row.rule_id, row.subject_id, row.arm, row.event, row.evaluable_at.astimezone(UTC),
                      row.counts_from.astimezone(UTC) if row.counts_from else None)
@@ -177,16 +184,15 @@ class SafetyMonitor:
         try:
             async with self.reads.connect() as conn:  # one snapshot: the position and the reads agree
                 seen = int(await conn.scalar(select(func.max(events.c.position))) or 0)
-                histories = await eventstore.read_streams(conn, [patient_stream(s) for s in subjects])
-                alerts = await eventstore.read_types_of(conn, ALERT_TYPES, subjects)
+                known = await read_known(conn, subjects)
         except Exception:  # a record that cannot be read, or the store out: the transaction meets it
             log.debug("safety: deciding ahead failed; the batch is decided in its transaction", exc_info=True)
             return None
         decisions: dict[str, tuple[uuid.UUID | None, Decision | None]] = {}
         for subject_id in subjects:
             with contextlib.suppress(Exception):
-                decisions[subject_id] = (_event_id(causes[subject_id]), self.decide(
-                    Known(histories[patient_stream(subject_id)], alerts[subject_id]), causes[subject_id]))
+                decisions[subject_id] = (_event_id(causes[subject_id]),
+                                         self.decide(known[subject_id], causes[subject_id]))
         return Ahead(seen, decisions)
 
     async def evaluate_all(self, conn: AsyncConnection, causes: Mapping[str, StoredEvent | None], *,
@@ -260,8 +266,7 @@ class SafetyMonitor:
         """Fold, reconcile the patient's alerts, write its read model; True if its rule inputs changed.
         ``known``: the patient's stream and alert events when the caller read them already (replay)."""
         if known is None:
-            known = Known(await eventstore.read_stream(conn, patient_stream(subject_id)),
-                          await eventstore.read_types(conn, ALERT_TYPES, subject_id=subject_id))
+            known = (await read_known(conn, [subject_id]))[subject_id]
         decision = self.decide(known, cause)
         if decision is None:
             return False
@@ -280,14 +285,13 @@ class SafetyMonitor:
         subjects = sorted(causes)
         decided = await self._still_decided(conn, ahead, causes)
         unread = [s for s in subjects if s not in decided]
-        histories = await eventstore.read_streams(conn, [patient_stream(s) for s in unread])
-        alerts = await eventstore.read_types_of(conn, ALERT_TYPES, unread)
+        known = await read_known(conn, unread)
         decisions: list[Decision] = []
         moved: list[str] = []
         for subject_id in subjects:
             try:
-                decision = decided[subject_id] if subject_id in decided else self.decide(
-                    Known(histories[patient_stream(subject_id)], alerts[subject_id]), causes[subject_id])
+                decision = (decided[subject_id] if subject_id in decided
+                            else self.decide(known[subject_id], causes[subject_id]))
             except Exception as exc:
                 log.exception("safety: patient %s set aside: its evaluation failed", subject_id)
                 await self._set_aside(conn, subject_id, f"{type(exc).__name__}: {exc}")
