@@ -5,6 +5,7 @@ import contextlib
 import email
 import email.policy
 import re
+import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +14,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP
 from sqlalchemy import event as sa_event
@@ -542,6 +544,40 @@ async def test_the_capture_keeps_a_message_only_if_it_answered_250_even_when_sto
         assert stored == (1 if acknowledged else 0), f"attempt {attempt}: stored {stored}, acknowledged {acknowledged}"
         outcomes["acknowledged" if acknowledged else "refused"] += 1
     assert outcomes["acknowledged"] > 0, outcomes  # the race was run, not dodged
+
+
+async def test_the_mailer_names_this_host_in_its_ehlo_without_a_look_up_per_mail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiosmtplib looks the host's name up (``socket.getfqdn``, a resolver query) for every
+    connection it is not given one for: a slow resolver would hold up every alert mail."""
+
+    class Noting:
+        def __init__(self) -> None:
+            self.ehlo_names: list[str] = []
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+            self.ehlo_names.append(session.host_name)
+            return "250 OK"
+
+    async def looked_up(self: Any) -> str:
+        raise AssertionError("aiosmtplib looked up the local host name for a connection")
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "_get_default_local_hostname", looked_up)
+    noting = Noting()
+    server = await asyncio.get_running_loop().create_server(lambda: SMTP(noting, hostname="noting"), "127.0.0.1", 0)
+    try:
+        mailer = SmtpMailer.from_url(f"smtp://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5)
+        for n in range(3):
+            message = EmailMessage(policy=MAIL_POLICY)
+            message["From"], message["To"], message["Subject"] = "trialwatch@localhost", "pi@example.org", f"#{n}"
+            message.set_content("x")
+            await mailer.send(message)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert noting.ehlo_names == [socket.getfqdn()] * 3
+    assert mailer.local_hostname == socket.getfqdn()
 
 
 async def test_a_4xx_or_5xx_answer_is_mailer_unavailable(data_dir: Path) -> None:
