@@ -63,7 +63,10 @@ class StaleRead(StoreError):
 
 def utc(dt: datetime) -> datetime:
     """Times read back from SQLite are naive; everything is stored in UTC."""
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    tz = dt.tzinfo
+    if tz is UTC:  # most times, on every append and read: ``astimezone`` is not free
+        return dt
+    return dt.replace(tzinfo=UTC) if tz is None else dt.astimezone(UTC)
 
 
 def now_utc() -> datetime:
@@ -107,13 +110,14 @@ def canonical_around_version(row: dict[str, Any]) -> tuple[str, str]:
             ',"subject_id":' + _json(row["subject_id"]) + ',"type":' + _json(row["type"]) + "}")
 
 
-def _canonical(row: dict[str, Any]) -> bytes:
+def canonical(row: dict[str, Any]) -> str:
+    """The canonical JSON of an event's row (ASCII: its bytes are its characters)."""
     head, tail = canonical_around_version(row)
-    return (head + _json(row["stream_version"]) + tail).encode()
+    return head + _json(row["stream_version"]) + tail
 
 
 def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
-    return hashlib.sha256(prev_hash.encode() + _canonical(row)).hexdigest()
+    return hashlib.sha256((prev_hash + canonical(row)).encode()).hexdigest()
 
 
 @functools.cache
@@ -230,7 +234,7 @@ class Batch:
             row = _event_row(stream_id, event, recorded_at)
             if self.deferred:
                 row.update(position=0, stream_version=version)  # the position comes with ``flush``
-                row["canonical"] = _canonical(row).decode()
+                row["canonical"] = canonical(row)
             else:
                 self.position += 1
                 row.update(position=self.position, stream_version=version, prev_hash=self.hash)
@@ -415,7 +419,7 @@ def _stored(row: dict[str, Any], event: NewEvent) -> StoredEvent:
         "position": row["position"], "event_id": event.event_id, "stream_id": row["stream_id"],
         "stream_version": row["stream_version"], "type": event.type, "schema_version": event.schema_version,
         "subject_id": event.subject_id,
-        "occurred_at": row["occurred_at"].astimezone(timezone(timedelta(seconds=row["occurred_offset_s"]))),
+        "occurred_at": row["occurred_at"].astimezone(zone(row["occurred_offset_s"])),
         "recorded_at": utc(row["recorded_at"]), "recorded_by": event.recorded_by, "data": event.data,
         "correlation_id": event.correlation_id, "causation_id": event.causation_id})
 

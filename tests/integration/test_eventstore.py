@@ -230,12 +230,15 @@ async def read_hash(engine: AsyncEngine, position: int, conn: AsyncConnection | 
 
 async def test_what_the_server_hashes_verifies(engine: AsyncEngine) -> None:
     awkward = {"stream_version": 0, "note": '"stream_version":0,"subject_id":', "ü": "日本 \\ \"", "x": [1.5, None]}
+    sid = stream()
     async with engine.begin() as conn:
-        await eventstore.append(conn, stream(), [new(**awkward), new(n=2), new(n=3)])
+        await eventstore.append(conn, sid, [new(**awkward), new(n=2), new(n=3)])
         await eventstore.append(conn, stream(), [new()])
     async with engine.connect() as conn:
         checked, bad, why = await eventstore.verify_chain(conn)
+        read = await eventstore.read_stream(conn, sid)
     assert (bad, why) == (None, "") and checked >= 4
+    assert read[0].data == new(**awkward).data and [e.data for e in read[1:]] == [new(n=2).data, new(n=3).data]
 
 
 async def test_concurrent_appends_to_one_stream_each_follow_the_last(engine: AsyncEngine) -> None:

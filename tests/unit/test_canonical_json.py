@@ -41,7 +41,7 @@ rows = st.fixed_dictionaries({
 
 @given(rows)
 def test_the_canonical_json_is_the_sorted_json_dumps_of_the_envelope(row: dict[str, Any]) -> None:
-    assert eventstore._canonical(row) == reference(row)
+    assert eventstore.canonical(row).encode() == reference(row)
 
 
 @given(rows)
