@@ -41,6 +41,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from bench.cpu_account import cpu_seconds
 from bench.workload import AT, enrolment, import_lines, lab, ndjson, subject_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -490,22 +491,16 @@ class Cpu:
             self.server_us = (server_after - server_before) / events * 1e6
 
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
 def backend_cpu_s(pids: list[int]) -> float | None:
-    """The CPU seconds PostgreSQL backends have used, from /proc (clock ticks: 10 ms apiece, so
-    only the full sizes measure it well); None unless every pid is a postgres process here."""
-    total = 0
+    """The CPU seconds PostgreSQL backends have used (``cpu_account``: clock ticks, 10 ms apiece,
+    so only the full sizes measure it well); None unless every pid is a postgres process here."""
     for pid in pids:
         try:
             if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
                 return None
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return None
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICKS
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 async def asyncpg_append(ctx: Context, single: int, batches: int) -> tuple[float, float]:
