@@ -520,7 +520,7 @@ def _head(row: Row[Any]) -> PatientHead:
     m = row._mapping
     at = m["death_occurred_at"]
     if at is not None:
-        at = utc(at).astimezone(timezone(timedelta(seconds=m["death_offset_s"] or 0)))
+        at = utc(at).astimezone(zone(m["death_offset_s"] or 0))
     return PatientHead(m["stream_id"], m["subject_id"], m["site_id"], m["arm"], m["stream_version"],
                        m["death_event_id"], at)
 
