@@ -65,11 +65,17 @@ class MailerUnavailable(Exception):
 
 
 class Mailer(Protocol):
-    """Hand one message to a mail system; return only once it was accepted. ``accepted``, if
-    given, is called the moment the mail system has taken the message, before anything else of
-    the conversation (an SMTP server's QUIT) can fail or a crash can lose the news."""
+    """Hand one message to a mail system; return only once it was accepted.
 
-    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None: ...
+    ``handed``, if given, is called the moment the whole message is out of this process's hands
+    (in the kernel's socket buffer, on its way to the server: a crash of the process from then on
+    cannot stop it), before the server can have answered; a mailer that cannot tell does not call
+    it. ``accepted``, if given, is called the moment the mail system has taken the message, before
+    anything else of the conversation (an SMTP server's QUIT) can fail or a crash can lose the news.
+    """
+
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None,
+                   handed: Callable[[], None] | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,8 @@ class SmtpMailer:
         mode = "smtps" if self.use_tls else "smtp+starttls" if self.start_tls else "smtp"
         return f"{mode}://{self.hostname}:{self.port}"
 
-    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None,
+                   handed: Callable[[], None] | None = None) -> None:
         recipients = [address for _, address in getaddresses(
             [*message.get_all("To", []), *message.get_all("Cc", [])])]
         # aiosmtplib.send's own steps, so that ``accepted`` runs between the DATA's 250 and the QUIT.
@@ -129,6 +136,8 @@ class SmtpMailer:
                                  timeout=self.timeout, local_hostname=self.local_hostname)
         try:
             async with client:
+                if handed is not None:
+                    _call_when_handed(client, handed)
                 refused, _ = await client.sendmail(str(message["From"]), recipients, wire_bytes(message))
                 if not refused and accepted is not None:
                     accepted()
@@ -150,6 +159,39 @@ class SmtpMailer:
             )
 
 
+def _call_when_handed(client: aiosmtplib.SMTP, handed: Callable[[], None]) -> None:
+    """Call ``handed`` right after the write that ends the message (its closing ``.``), in the same
+    step of the event loop, if that write went whole into the kernel's socket buffer.
+
+    The server's "250" comes a round trip, the server's own storing and a turn of this process's
+    event loop later; a process killed in that window had sent a mail it had no record of (the
+    fault matrix's ``notify`` row caught four at once). The kernel sends what a killed process
+    wrote and then closes the connection in order, so from this write on, the mail reaches the
+    server whatever becomes of the process. aiosmtplib has no hook there, so the one connection's
+    protocol object has its ``write`` wrapped. Over TLS the bytes pass an SSL buffer first, and a
+    message larger than the free socket buffer keeps its tail in the transport: ``handed`` is then
+    not called, and the "250" (``accepted``) is the sender's first news, as before.
+    """
+    protocol = client.protocol
+    if protocol is None:
+        return
+    write = protocol.write
+
+    def write_then_tell(data: bytes) -> None:
+        write(data)
+        # Only the message ends so: a command has one CRLF, at its end (aiosmtplib refuses others).
+        if data.endswith(b"\r\n.\r\n"):
+            # Asked, not isinstance-checked: uvloop's transports (the services' loop) are not
+            # asyncio.WriteTransport subclasses. Both count what waits in their own queues.
+            transport = protocol.transport
+            if transport is not None and transport.get_extra_info("ssl_object") is None:
+                buffered = getattr(transport, "get_write_buffer_size", None)
+                if buffered is not None and buffered() == 0:
+                    handed()
+
+    protocol.write = write_then_tell  # type: ignore[method-assign]
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -169,12 +211,15 @@ class RecordingMailer:
     def fail_next(self, n: int = 1, *, error: str = "told to fail") -> None:
         self._failures, self._error = n, error
 
-    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None,
+                   handed: Callable[[], None] | None = None) -> None:
         self.attempts += 1
         if self._failures > 0:
             self._failures -= 1
             raise MailerUnavailable(f"recording mailer: {self._error}")
         self.sent.append(message)
+        if handed is not None:
+            handed()
         if accepted is not None:
             accepted()
 

@@ -39,7 +39,7 @@ class _Claim:
     message_id: str
     attempts: int
     lease_until: datetime
-    reclaimed: bool  # taken over from a claim whose lease ran out (its sender may have sent it)
+    dead_lease: datetime | None  # taken over from a claim whose lease ran out (its sender may have sent it)
 
 
 class _Writes:
@@ -291,40 +291,51 @@ class DeliverySender:
         if taken is None:
             return None
         return _Claim(row.id, taken.alert_event_id, taken.recipient, taken.message_id, taken.attempts, lease_until,
-                      reclaimed=row.status == "sending")
+                      dead_lease=row.claimed_until if row.status == "sending" else None)
 
     async def _deliver(self, claim: _Claim, clock: Callable[[], datetime]) -> Literal["mailed", "mailed before"] | None:
-        """Mail the claim: "mailed" now, or "mailed before" (its sender died after the server took
-        it); either way the caller records it sent. None: not sent, and the row is settled so."""
-        if claim.reclaimed and await asyncio.to_thread(self._journal.has, claim.message_id):
+        """Mail the claim: "mailed" now, or "mailed before" (its sender died once the mail was on
+        its way); either way the caller records it sent. None: not sent, and the row is settled so.
+
+        The journal (sent_journal.py) is written in the loop, no thread hop, at the two moments the
+        mailer reports: the message handed to the kernel, the server's 250. Its lines are the one
+        thing that tells a later sender this mail went out, so the gap before them is kept as
+        short as can be; the fsync that makes them outlast a power cut follows in a thread."""
+        if claim.dead_lease is not None and await asyncio.to_thread(
+                self._journal.sent_before, claim.message_id, claim.dead_lease):
             log.warning("alert mail %s to %s went out before its sender died; recording it, not sending it again",
                         claim.message_id, claim.recipient)
             return "mailed before"
         journaled = False
 
+        def handed() -> None:
+            self._journal.handed(claim.message_id, claim.lease_until)
+
         def accepted() -> None:
-            """The server answered the DATA with 250: journal it now, before the QUIT round trip
-            (in the loop, no thread hop: the journal's line is the one thing that tells a later
-            sender this mail went out, so the gap before it is kept as short as can be)."""
             nonlocal journaled
-            self._journal.record(claim.message_id)
+            self._journal.accepted(claim.message_id)
             journaled = True
 
         try:
             message = await self._message(claim, clock())
             async with asyncio.timeout(self._lease.total_seconds() / 2):
-                await self._mailer.send(message, accepted=accepted)
+                await self._mailer.send(message, accepted=accepted, handed=handed)
         except _Deferred as deferred:
             await self._release(claim, next_attempt_at=deferred.until)
             return None
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
             if journaled:  # the server has it; what failed came after (the QUIT): not sent again
                 log.warning("alert mail %s to %s was accepted, then: %s", claim.message_id, claim.recipient, exc)
+                await asyncio.to_thread(self._journal.sync)
                 return "mailed"
+            # Refused, or no answer: sent again, so a "handed" of this attempt no longer counts
+            # (written before anything else: a kill before the retry is set must not count it sent).
+            self._journal.failed(claim.message_id, claim.lease_until)
             await self._failed(claim, exc, clock())
             return None
         if not journaled:  # a mailer that does not say when the server took it
-            await asyncio.to_thread(self._journal.record, claim.message_id)
+            self._journal.accepted(claim.message_id)
+        await asyncio.to_thread(self._journal.sync)
         return "mailed"
 
     async def _record_sent(self, claim: _Claim, clock: Callable[[], datetime]) -> None:

@@ -60,9 +60,10 @@ class HangingMailer:
     def __init__(self, forward: Mailer | None = None) -> None:
         self.forward, self.entered = forward, asyncio.Event()
 
-    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None,
+                   handed: Callable[[], None] | None = None) -> None:
         if self.forward is not None:
-            await self.forward.send(message, accepted=accepted)
+            await self.forward.send(message, accepted=accepted, handed=handed)
         self.entered.set()
         await asyncio.Event().wait()
 

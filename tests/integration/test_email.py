@@ -311,13 +311,14 @@ class SlowMailer(RecordingMailer):
         self.in_flight = self.most_at_once = 0
         self.started: list[str] = []  # subjects, in the order their conversations began
 
-    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None,
+                   handed: Callable[[], None] | None = None) -> None:
         self.started.append(str(message["Subject"]))
         self.in_flight += 1
         self.most_at_once = max(self.most_at_once, self.in_flight)
         try:
             await asyncio.sleep(0.1)
-            await super().send(message, accepted=accepted)
+            await super().send(message, accepted=accepted, handed=handed)
         finally:
             self.in_flight -= 1
 
@@ -399,8 +400,9 @@ async def test_a_lane_sends_its_next_mail_while_the_last_ones_sent_is_being_reco
     both_mailed = asyncio.Event()
 
     class Noting(RecordingMailer):
-        async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
-            await super().send(message, accepted=accepted)
+        async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None,
+                   handed: Callable[[], None] | None = None) -> None:
+            await super().send(message, accepted=accepted, handed=handed)
             if len(self.sent) == 2:
                 both_mailed.set()
 
@@ -674,11 +676,12 @@ class HeldMailer(RecordingMailer):
         super().__init__()
         self.held, self.release, self.holding = held, asyncio.Event(), asyncio.Event()
 
-    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None) -> None:
+    async def send(self, message: EmailMessage, *, accepted: Callable[[], None] | None = None,
+                   handed: Callable[[], None] | None = None) -> None:
         if self.held in str(message["Subject"]):
             self.holding.set()
             await self.release.wait()
-        await super().send(message, accepted=accepted)
+        await super().send(message, accepted=accepted, handed=handed)
 
 
 async def test_run_sends_a_mail_queued_meanwhile_without_waiting_for_the_ones_on_their_way(
