@@ -16,14 +16,15 @@ first, and the notifier that takes such a row over looks here before sending:
   row goes back to pending and the mail is sent again, so a ``handed`` line of the same attempt
   no longer counts.
 
-The lines are in the kernel's page cache when ``record`` returns, which is what a killed process
+Each line is in the kernel's page cache once its ``write`` returns, which is all a killed process
 needs; ``sync`` flushes them to disk (a power cut) and is called from a thread, off the event loop:
 an fsync of a few milliseconds in the loop held up every other lane's mail, and widened its gap.
 
 What stays open: a kill in the microseconds between the socket write and the ``handed`` line
-(the mail goes out again), a server that refuses the message after its end or a network lost in
-the same instant as the kill (the mail is counted as sent and is not), and replicas on different
-machines (each has its own file; the store's row still keeps them from sending the same row at once).
+(the mail goes out again); a server that refuses the message after its end, or a network lost in
+the same instant, with the sender killed before it writes ``failed`` (the mail is counted as sent
+and is not); and replicas on different machines (each has its own file; the store's row still
+keeps them from sending the same row at once).
 """
 
 from __future__ import annotations
